@@ -1,0 +1,58 @@
+"""scalechat: live chat for Flask sites, across many gevent workers through Redis."""
+import socketio
+from flask import Flask
+
+from . import api, health, jsonio, pages
+from .config import Config
+from .events import ChatNamespace
+from .services import Services
+
+
+def create_app(config=None):
+    """Build the Flask app and its Socket.IO server; nothing connects yet.
+
+    `config` is a Config, or a mapping of Config fields overriding the environment.
+    """
+    if not isinstance(config, Config):
+        config = Config.from_env(**(config or {}))
+    app = Flask(__name__)
+    app.config.update(
+        SECRET_KEY=config.secret_key,
+        SESSION_COOKIE_HTTPONLY=True,
+        SESSION_COOKIE_SAMESITE="Lax",
+        SCALECHAT=config,
+    )
+    services = Services.from_config(config)
+    app.extensions["scalechat"] = services
+    sio = socketio.Server(
+        async_mode="gevent",
+        client_manager=socketio.RedisManager(config.redis_url, channel=config.channel),
+        json=jsonio,
+        cors_allowed_origins=config.cors_allowed_origins,
+        max_http_buffer_size=config.max_payload,
+    )
+    sio.register_namespace(ChatNamespace(app, services))
+    app.extensions["socketio"] = sio
+    app.register_blueprint(pages.bp)
+    app.register_blueprint(api.bp)
+    app.register_blueprint(health.bp)
+    return app
+
+
+def create_application(app):
+    """Return the WSGI application of a worker: Socket.IO in front of the Flask app."""
+    return WorkerHeader(socketio.WSGIApp(app.extensions["socketio"], app),
+                        app.config["SCALECHAT"].worker_id)
+
+
+class WorkerHeader:
+    """WSGI middleware naming the worker in every response, Engine.IO's included."""
+
+    def __init__(self, wsgi_app, worker_id):
+        self.wsgi_app = wsgi_app
+        self.header = ("X-Scalechat-Worker", worker_id)
+
+    def __call__(self, environ, start_response):
+        def start_named(status, headers, exc_info=None):
+            return start_response(status, [*headers, self.header], exc_info)
+        return self.wsgi_app(environ, start_named)

@@ -1,0 +1,70 @@
+"""The JSON API for clients that are not browsers: sessions, history, rooms."""
+import redis
+from flask import Blueprint, jsonify, request
+
+from . import auth, validation
+from .services import get_services
+
+bp = Blueprint("api", __name__, url_prefix="/api")
+
+
+@bp.errorhandler(validation.ValidationError)
+def refuse_input(exc):
+    return jsonify(error=exc.code, detail=exc.detail), 400
+
+
+@bp.errorhandler(redis.RedisError)
+def report_unavailable(exc):
+    return jsonify(error="unavailable", detail="the message store is unavailable"), 503
+
+
+@bp.post("/session")
+def create_session():
+    """Issue a signed token for a display name."""
+    data = request.get_json(silent=True)
+    if not isinstance(data, dict):
+        raise validation.ValidationError("invalid_payload", 'send a JSON object {"name": ...}')
+    user = validation.name(data.get("name"))
+    return jsonify(token=get_services().tokens.issue(user), user=user)
+
+
+def _require_user():
+    user = auth.request_user(get_services().tokens, request)
+    if user is None:
+        return None, (jsonify(error="unauthorized",
+                              detail="send Authorization: Bearer <token> or sign in"), 401)
+    return user, None
+
+
+@bp.get("/rooms/<room>/messages")
+def room_messages(room):
+    """Return a page of a room's history, oldest first."""
+    _, refusal = _require_user()
+    if refusal:
+        return refusal
+    services = get_services()
+    config = services.config
+    room = validation.room(room)
+    messages = services.store.history(
+        room,
+        after=validation.cursor(request.args.get("after"), "after"),
+        before=validation.cursor(request.args.get("before"), "before"),
+        limit=validation.limit(request.args.get("limit"), config.history_on_join,
+                               config.history_max_limit))
+    return jsonify(messages=messages)
+
+
+@bp.get("/rooms")
+def rooms():
+    """Return the most recently active rooms with their online counts."""
+    _, refusal = _require_user()
+    if refusal:
+        return refusal
+    return jsonify(rooms=room_list(get_services()))
+
+
+def room_list(services, count=50):
+    """Return [{room, online}] for the most recently active rooms."""
+    names = services.store.recent_rooms(count)
+    online = services.presence.online_counts(names)
+    return [{"room": name, "online": online[name]} for name in names]

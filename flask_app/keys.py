@@ -1,0 +1,32 @@
+"""Every Redis key scalechat uses; nothing else formats a key."""
+
+
+class Keys:
+    """Key builders under one prefix, so several deployments can share a Redis.
+
+    A room's keys carry the room in a {hash tag}, so a Lua script touching
+    them stays on one Redis Cluster slot.
+    """
+
+    def __init__(self, prefix):
+        self.prefix = prefix
+
+    def room_stream(self, room):
+        """The room's message stream: history and ordering for every worker."""
+        return f"{self.prefix}room:{{{room}}}:messages"
+
+    def dedup(self, room, user, client_id):
+        """The stream id first stored for a client's message id."""
+        return f"{self.prefix}room:{{{room}}}:dedup:{user}\x1f{client_id}"
+
+    def presence_expiry(self, room):
+        """Connections in the room, scored by the time their heartbeat expires."""
+        return f"{self.prefix}room:{{{room}}}:presence:expiry"
+
+    def presence_index(self, room):
+        """The same connections with score 0, ordered by `user<US>sid` for prefix look-ups."""
+        return f"{self.prefix}room:{{{room}}}:presence:index"
+
+    def rooms(self):
+        """Every room ever joined, scored by its last activity."""
+        return f"{self.prefix}rooms"

@@ -1,0 +1,73 @@
+"""The browser pages: the lobby with its sign-in form, and a room."""
+from pathlib import Path
+
+from flask import (Blueprint, abort, redirect, render_template, request,
+                   send_from_directory, session, url_for)
+
+from . import validation
+from .api import room_list
+from .services import get_services
+
+bp = Blueprint("pages", __name__)
+
+
+@bp.get("/")
+def lobby():
+    """Show the sign-in form, or the rooms with their online counts."""
+    user = session.get("user")
+    rooms = room_list(get_services()) if user else []
+    return render_template("lobby.html", user=user, rooms=rooms,
+                           next=request.args.get("next", ""))
+
+
+@bp.post("/login")
+def login():
+    """Sign a browser in under a display name, kept in the session cookie."""
+    try:
+        user = validation.name(request.form.get("name"))
+    except validation.ValidationError as exc:
+        return render_template("lobby.html", user=None, rooms=[], error=exc.detail,
+                               next=request.form.get("next", "")), 400
+    session["user"] = user
+    target = request.form.get("next", "")
+    return redirect(target if target.startswith("/rooms/") else url_for("pages.lobby"))
+
+
+@bp.post("/logout")
+def logout():
+    session.pop("user", None)
+    return redirect(url_for("pages.lobby"))
+
+
+@bp.post("/rooms")
+def open_room():
+    """Go to the room named in the lobby's form, creating it on first join."""
+    try:
+        room = validation.room(request.form.get("room", "").strip().lower())
+    except validation.ValidationError as exc:
+        return render_template("lobby.html", user=session.get("user"),
+                               rooms=room_list(get_services()), error=exc.detail), 400
+    return redirect(url_for("pages.room", room=room))
+
+
+@bp.get("/rooms/<room>")
+def room(room):
+    """Show a room; its messages and members arrive over Socket.IO."""
+    try:
+        room = validation.room(room)
+    except validation.ValidationError as exc:
+        abort(404, exc.detail)
+    user = session.get("user")
+    if user is None:
+        return redirect(url_for("pages.lobby", next=request.path))
+    return render_template("room.html", user=user, room=room,
+                           max_text=get_services().config.max_text)
+
+
+@bp.get("/vendor/socket.io.min.js")
+def socketio_client():
+    """Serve the official socket.io-client installed from npm."""
+    dist = Path(get_services().config.node_modules) / "socket.io-client" / "dist"
+    if not (dist / "socket.io.min.js").is_file():
+        abort(404, "socket.io-client is not installed: run `npm ci` in the project root")
+    return send_from_directory(dist, "socket.io.min.js", mimetype="text/javascript")

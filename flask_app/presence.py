@@ -1,0 +1,182 @@
+"""Who is online in each room, across every worker, expiring with heartbeats.
+
+A connection in a room is the member `user<US>sid` of two sorted sets: one
+scored by the time its heartbeat expires, one scored 0 so that a lexical range
+finds a user's connections. A user with two tabs is one member of the room;
+a worker that dies stops refreshing its connections and they expire.
+"""
+import dataclasses
+import logging
+
+import gevent
+
+log = logging.getLogger(__name__)
+
+SEPARATOR = "\x1f"
+
+# Shared by every script: the time from Redis (one clock for all workers),
+# the look-up of a user's connections, and the removal of expired ones,
+# which returns the users that have no connection left.
+_LIB = """
+local SEP = '\\031'
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local function has_user(index, user)
+  return #redis.call('ZRANGEBYLEX', index, '[' .. user .. SEP,
+                     '(' .. user .. '\\032', 'LIMIT', 0, 1) > 0
+end
+local function purge(expiry, index, now)
+  local expired = redis.call('ZRANGEBYSCORE', expiry, '-inf', now)
+  local gone, seen = {}, {}
+  for i = 1, #expired, 500 do
+    local batch = {unpack(expired, i, math.min(i + 499, #expired))}
+    redis.call('ZREM', expiry, unpack(batch))
+    redis.call('ZREM', index, unpack(batch))
+  end
+  for _, member in ipairs(expired) do
+    local user = string.match(member, '^(.-)' .. SEP)
+    if user and not seen[user] and not has_user(index, user) then
+      seen[user] = true
+      table.insert(gone, user)
+    end
+  end
+  return gone
+end
+"""
+
+# KEYS: expiry, index. ARGV: user, sid, ttl_ms. Returns {fresh, gone...}.
+JOIN = _LIB + """
+local now = now_ms()
+local gone = purge(KEYS[1], KEYS[2], now)
+local fresh = has_user(KEYS[2], ARGV[1]) and 0 or 1
+local member = ARGV[1] .. SEP .. ARGV[2]
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), member)
+redis.call('ZADD', KEYS[2], 0, member)
+table.insert(gone, 1, fresh)
+return gone
+"""
+
+# KEYS: expiry, index. ARGV: user, sid. Returns {absent, gone...}.
+LEAVE = _LIB + """
+local member = ARGV[1] .. SEP .. ARGV[2]
+local removed = redis.call('ZREM', KEYS[1], member)
+redis.call('ZREM', KEYS[2], member)
+local gone = purge(KEYS[1], KEYS[2], now_ms())
+local absent = (removed == 1 and not has_user(KEYS[2], ARGV[1])) and 1 or 0
+table.insert(gone, 1, absent)
+return gone
+"""
+
+# KEYS: expiry, index. ARGV: ttl_ms, member... Returns the users gone.
+# XX: a connection that left meanwhile is not brought back as a ghost.
+HEARTBEAT = _LIB + """
+local now = now_ms()
+local expires = now + tonumber(ARGV[1])
+for i = 2, #ARGV do
+  redis.call('ZADD', KEYS[1], 'XX', expires, ARGV[i])
+end
+return purge(KEYS[1], KEYS[2], now)
+"""
+
+# KEYS: expiry, index. Returns every connection still alive.
+MEMBERS = _LIB + """
+purge(KEYS[1], KEYS[2], now_ms())
+return redis.call('ZRANGE', KEYS[2], 0, -1)
+"""
+
+
+@dataclasses.dataclass
+class LocalConnection:
+    """A Socket.IO connection on this worker and the rooms it joined."""
+
+    user: str
+    rooms: set = dataclasses.field(default_factory=set)
+
+
+class Presence:
+    """Room membership: local connections here, every worker's in Redis."""
+
+    def __init__(self, redis, keys, ttl_seconds):
+        self.redis = redis
+        self.keys = keys
+        self.ttl_ms = ttl_seconds * 1000
+        self.local = {}
+        self._join = redis.register_script(JOIN)
+        self._leave = redis.register_script(LEAVE)
+        self._heartbeat = redis.register_script(HEARTBEAT)
+        self._members = redis.register_script(MEMBERS)
+        self._heartbeat_task = None
+
+    def _room_keys(self, room):
+        return [self.keys.presence_expiry(room), self.keys.presence_index(room)]
+
+    def connect(self, sid, user):
+        """Remember a new connection of this worker."""
+        self.local[sid] = LocalConnection(user)
+
+    def connection(self, sid):
+        """Return the connection record of a local sid, or None."""
+        return self.local.get(sid)
+
+    def join(self, sid, room):
+        """Add a connection to a room; return (user was absent before, users gone)."""
+        conn = self.local[sid]
+        fresh, *gone = self._join(keys=self._room_keys(room),
+                                  args=[conn.user, sid, self.ttl_ms])
+        conn.rooms.add(room)
+        return bool(fresh), [user for user in gone if user != conn.user]
+
+    def leave(self, sid, room):
+        """Remove a connection from a room; return (user has left, users gone)."""
+        conn = self.local[sid]
+        conn.rooms.discard(room)
+        absent, *gone = self._leave(keys=self._room_keys(room), args=[conn.user, sid])
+        return bool(absent), gone
+
+    def disconnect(self, sid):
+        """Forget a local connection once it has left its rooms."""
+        self.local.pop(sid, None)
+
+    def members(self, room):
+        """Return the users online in the room on any worker, sorted."""
+        connections = self._members(keys=self._room_keys(room))
+        return sorted({member.split(SEPARATOR, 1)[0] for member in connections})
+
+    def online_counts(self, rooms):
+        """Return the number of users online in each of `rooms`."""
+        pipe = self.redis.pipeline(transaction=False)
+        for room in rooms:
+            self._members(keys=self._room_keys(room), client=pipe)
+        return {room: len({member.split(SEPARATOR, 1)[0] for member in connections})
+                for room, connections in zip(rooms, pipe.execute())}
+
+    def heartbeat(self):
+        """Refresh this worker's connections; return {room: users gone} of every room here."""
+        by_room = {}
+        for sid, conn in list(self.local.items()):
+            for room in conn.rooms:
+                by_room.setdefault(room, []).append(conn.user + SEPARATOR + sid)
+        if not by_room:
+            return {}
+        pipe = self.redis.pipeline(transaction=False)
+        for room, members in by_room.items():
+            self._heartbeat(keys=self._room_keys(room), args=[self.ttl_ms, *members],
+                            client=pipe)
+        return {room: gone for room, gone in zip(by_room, pipe.execute()) if gone}
+
+    def start_heartbeat(self, on_gone):
+        """Refresh presence every third of its lifetime in a background greenlet, once."""
+        if self._heartbeat_task is None:
+            self._heartbeat_task = gevent.spawn(self._heartbeat_forever, on_gone)
+
+    def _heartbeat_forever(self, on_gone):
+        while True:
+            gevent.sleep(self.ttl_ms / 3000)
+            try:
+                for room, users in self.heartbeat().items():
+                    for user in users:
+                        on_gone(room, user)
+            except Exception:
+                log.exception("presence heartbeat failed; retrying")

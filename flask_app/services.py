@@ -1,0 +1,38 @@
+"""The objects a worker shares between its HTTP views and Socket.IO handlers."""
+import dataclasses
+
+import redis
+from flask import current_app
+
+from .auth import Tokens
+from .keys import Keys
+from .presence import Presence
+from .store import MessageStore
+
+
+@dataclasses.dataclass
+class Services:
+    """Configuration, the Redis client and the components built on it."""
+
+    config: object
+    redis: redis.Redis
+    tokens: Tokens
+    store: MessageStore
+    presence: Presence
+
+    @classmethod
+    def from_config(cls, config):
+        """Build every component; Redis is only connected on first use."""
+        client = redis.Redis.from_url(
+            config.redis_url, decode_responses=True, socket_connect_timeout=2,
+            socket_timeout=5, health_check_interval=30)
+        keys = Keys(config.key_prefix)
+        return cls(config=config, redis=client,
+                   tokens=Tokens(config.secret_key, config.token_ttl),
+                   store=MessageStore(client, keys, config),
+                   presence=Presence(client, keys, config.presence_ttl))
+
+
+def get_services():
+    """Return the services of the current Flask app."""
+    return current_app.extensions["scalechat"]

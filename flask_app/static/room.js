@@ -1,0 +1,139 @@
+// A room page: live messages in stream order, history on join, members, typing,
+// and sends retried with the same client_id until acknowledged.
+(function () {
+  "use strict";
+  const room = document.body.dataset.room;
+  const me = document.body.dataset.user;
+  const list = document.getElementById("messages");
+  const members = document.getElementById("members");
+  const status = document.getElementById("status");
+  const typing = document.getElementById("typing");
+  const errorBox = document.getElementById("error");
+  const form = document.getElementById("send");
+  const input = document.getElementById("text");
+
+  const seen = new Set();
+  const pending = new Map(); // client_id -> payload, until the server acknowledges it
+  const online = new Set();
+  const typists = new Map(); // user -> timer
+  let lastTyping = 0;
+
+  const socket = io({ transports: ["websocket", "polling"] });
+
+  function compareIds(a, b) {
+    const [am, as] = a.split("-").map(BigInt);
+    const [bm, bs] = b.split("-").map(BigInt);
+    if (am !== bm) return am < bm ? -1 : 1;
+    return as === bs ? 0 : as < bs ? -1 : 1;
+  }
+
+  function showMessage(msg) {
+    if (seen.has(msg.id)) return;
+    seen.add(msg.id);
+    const item = document.createElement("li");
+    item.dataset.id = msg.id;
+    item.className = msg.user === me ? "mine" : "";
+    const who = document.createElement("span");
+    who.className = "user";
+    who.textContent = msg.user;
+    const when = document.createElement("time");
+    when.dateTime = new Date(msg.ts).toISOString();
+    when.textContent = new Date(msg.ts).toLocaleTimeString();
+    const text = document.createElement("span");
+    text.className = "text";
+    text.textContent = msg.text;
+    item.append(who, when, text);
+    let next = null;
+    for (let node = list.lastElementChild; node; node = node.previousElementSibling) {
+      if (compareIds(node.dataset.id, msg.id) < 0) break;
+      next = node;
+    }
+    list.insertBefore(item, next);
+    if (!next) list.scrollTop = list.scrollHeight;
+  }
+
+  function showMembers() {
+    members.replaceChildren(...[...online].sort().map((user) => {
+      const item = document.createElement("li");
+      item.textContent = user;
+      return item;
+    }));
+  }
+
+  function showError(text) {
+    errorBox.textContent = text;
+    errorBox.hidden = !text;
+  }
+
+  function showTyping() {
+    const names = [...typists.keys()];
+    typing.textContent = names.length ? names.join(", ") + (names.length > 1 ? " are" : " is") + " typing…" : "";
+  }
+
+  function send(payload) {
+    socket.timeout(10000).emit("message", payload, (err, ack) => {
+      if (err) return; // no answer: resent after the next join
+      if (ack.ok) {
+        pending.delete(payload.client_id);
+      } else if (ack.error === "unavailable") {
+        showError("The chat is briefly unavailable; your message will be retried.");
+      } else {
+        pending.delete(payload.client_id);
+        showError(ack.detail || ack.error);
+      }
+    });
+  }
+
+  socket.on("connect", () => {
+    status.textContent = "online";
+    socket.emit("join", { room }, (ack) => {
+      if (!ack.ok) {
+        showError(ack.detail || ack.error);
+        return;
+      }
+      ack.history.forEach(showMessage);
+      online.clear();
+      ack.members.forEach((user) => online.add(user));
+      showMembers();
+      pending.forEach(send);
+    });
+  });
+  socket.on("disconnect", () => { status.textContent = "reconnecting…"; });
+  socket.on("connect_error", (err) => { status.textContent = "offline: " + err.message; });
+
+  socket.on("message", (msg) => {
+    if (msg.room !== room) return;
+    showMessage(msg);
+    const timer = typists.get(msg.user);
+    if (timer) { clearTimeout(timer); typists.delete(msg.user); showTyping(); }
+  });
+  socket.on("presence", (event) => {
+    if (event.room !== room) return;
+    if (event.state === "join") online.add(event.user); else online.delete(event.user);
+    showMembers();
+  });
+  socket.on("typing", (event) => {
+    if (event.room !== room || event.user === me) return;
+    clearTimeout(typists.get(event.user));
+    typists.set(event.user, setTimeout(() => { typists.delete(event.user); showTyping(); }, 3000));
+    showTyping();
+  });
+
+  input.addEventListener("input", () => {
+    const now = Date.now();
+    if (socket.connected && now - lastTyping > 2000) {
+      lastTyping = now;
+      socket.emit("typing", { room });
+    }
+  });
+  form.addEventListener("submit", (event) => {
+    event.preventDefault();
+    const text = input.value;
+    if (!text.trim()) return;
+    const payload = { room, text, client_id: Date.now().toString(36) + "-" + Math.random().toString(36).slice(2) };
+    pending.set(payload.client_id, payload);
+    input.value = "";
+    showError("");
+    if (socket.connected) send(payload);
+  });
+})();

@@ -1,0 +1,71 @@
+"""Room messages in Redis Streams: store, deduplicate, publish, read history."""
+
+# One script stores the message and publishes it, so the order on the
+# Socket.IO channel is the order of the stream on every worker, and a retried
+# client_id returns the first id without a second store or broadcast.
+# The published envelope is python-socketio's pub/sub `emit` message; its
+# host_id matches no worker, so every worker (the sender's too) delivers it.
+APPEND_AND_PUBLISH = """
+local existing = redis.call('GET', KEYS[2])
+if existing then
+  return {existing, 0}
+end
+local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*',
+                      'user', ARGV[5], 'text', ARGV[6], 'client_id', ARGV[7])
+redis.call('SET', KEYS[2], id, 'EX', ARGV[2])
+local message = {id = id, room = ARGV[4], user = ARGV[5], text = ARGV[6],
+                 ts = tonumber(string.match(id, '^(%d+)')), client_id = ARGV[7]}
+redis.call('PUBLISH', ARGV[3], cjson.encode({
+  method = 'emit', event = 'message', data = {message}, namespace = '/',
+  room = ARGV[4], host_id = 'scalechat-store'}))
+return {id, 1}
+"""
+
+
+class MessageStore:
+    """The messages of every room, one bounded stream per room."""
+
+    def __init__(self, redis, keys, config):
+        self.redis = redis
+        self.keys = keys
+        self.config = config
+        self._append = redis.register_script(APPEND_AND_PUBLISH)
+
+    def append(self, room, user, text, client_id):
+        """Store a message and broadcast it to the room; return (id, stored_now)."""
+        message_id, created = self._append(
+            keys=[self.keys.room_stream(room), self.keys.dedup(room, user, client_id)],
+            args=[self.config.history_maxlen, self.config.dedup_ttl,
+                  self.config.channel, room, user, text, client_id])
+        return message_id, bool(created)
+
+    def history(self, room, after=None, before=None, limit=50):
+        """Return up to `limit` messages between the exclusive bounds, oldest first.
+
+        With `after`, the page starts just after it (catching up); otherwise it
+        ends just before `before`, or at the newest message (scrolling back).
+        """
+        stream = self.keys.room_stream(room)
+        low = f"({after}" if after else "-"
+        high = f"({before}" if before else "+"
+        if after:
+            entries = self.redis.xrange(stream, low, high, count=limit)
+        else:
+            entries = self.redis.xrevrange(stream, high, low, count=limit)
+            entries.reverse()
+        return [message(room, entry_id, fields) for entry_id, fields in entries]
+
+    def touch_room(self, room, now):
+        """Record activity in a room for the lobby's list."""
+        self.redis.zadd(self.keys.rooms(), {room: now})
+
+    def recent_rooms(self, count):
+        """Return the most recently active rooms, newest first."""
+        return self.redis.zrevrange(self.keys.rooms(), 0, count - 1)
+
+
+def message(room, message_id, fields):
+    """Return the wire form of a stored message; its time comes from its id."""
+    return {"id": message_id, "room": room, "user": fields["user"],
+            "text": fields["text"], "ts": int(message_id.split("-", 1)[0]),
+            "client_id": fields["client_id"]}

@@ -1,0 +1,46 @@
+"""Serve one worker process: gevent's WSGI server with WebSocket support."""
+import argparse
+import logging
+import signal
+
+from gevent.event import Event
+from gevent import monkey, signal_handler
+from gevent.pywsgi import WSGIServer
+from geventwebsocket.handler import WebSocketHandler
+
+log = logging.getLogger("scalechat.worker")
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(
+        prog="scalechat-worker",
+        description="Serve scalechat's pages and Socket.IO on one port. "
+                    "Settings such as REDIS_URL and SECRET_KEY come from the environment.")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
+    parser.add_argument("--port", type=int, default=8001, help="port to bind (default: %(default)s)")
+    parser.add_argument("--log-level", default="INFO", help="logging level (default: %(default)s)")
+    return parser.parse_args(argv)
+
+
+def run(application, config, argv=None):
+    """Serve `application` until SIGTERM or SIGINT, then stop accepting and exit."""
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not monkey.is_module_patched("socket"):
+        raise SystemExit("scalechat-worker: sockets are not monkey-patched; "
+                         "start it through wsgi.py (the scalechat-worker script)")
+    server = WSGIServer((args.host, args.port), application,
+                        handler_class=WebSocketHandler, log=None, error_log=log)
+    try:
+        server.start()
+    except OSError as exc:
+        raise SystemExit(f"scalechat-worker: cannot listen on {args.host}:{args.port}: {exc}")
+    logging.getLogger("geventwebsocket.handler").setLevel(logging.WARNING)
+    log.info("worker %s listening on http://%s:%d", config.worker_id, args.host, server.server_port)
+    stop = Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal_handler(signum, stop.set)
+    stop.wait()
+    log.info("worker %s stopping", config.worker_id)
+    server.stop(timeout=5)

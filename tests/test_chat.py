@@ -1,0 +1,162 @@
+"""Chatting across worker processes: delivery, order, history, dedup, presence."""
+import signal
+import threading
+
+import requests
+
+
+def test_every_member_receives_every_message_once_in_stream_order(workers, clients, room):
+    w1, w2 = workers
+    members = [clients(f"user{n}").connect(workers[n % 2]) for n in range(4)]
+    for member in members:
+        member.join(room)
+    senders = [members[0], members[1]]  # one on each worker, sending at once
+    acks = {sender.name: [] for sender in senders}
+
+    def send_all(sender):
+        for n in range(25):
+            ack = sender.send(room, f"{sender.name} says {n}")
+            assert ack["ok"], ack
+            acks[sender.name].append(ack["id"])
+    threads = [threading.Thread(target=send_all, args=(sender,)) for sender in senders]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    stored = [m["id"] for m in requests.get(
+        f"{w1.url}/api/rooms/{room}/messages", params={"limit": 200},
+        headers={"Authorization": f"Bearer {w1.token('reader')}"}, timeout=5).json()["messages"]]
+    assert len(stored) == 50
+    assert sorted(acks["user0"] + acks["user1"]) == sorted(stored)
+    for member in members:
+        received = member.wait_for("message", lambda got: len(got) >= 50)
+        assert [m["id"] for m in received] == stored, f"{member.name} saw another order"
+    assert {m["room"] for m in members[2].events["message"]} == {room}
+
+
+def test_message_carries_sender_text_and_client_id(workers, clients, room):
+    alice = clients("alice").connect(workers[0])
+    bob = clients("bob").connect(workers[1])
+    alice.join(room)
+    bob.join(room)
+    ack = alice.send(room, "héllo <b>wörld</b> 👋", client_id="abc-1")
+    received = bob.wait_for("message", lambda got: got)[0]
+    assert received == {"id": ack["id"], "room": room, "user": "alice",
+                        "text": "héllo <b>wörld</b> 👋", "ts": received["ts"],
+                        "client_id": "abc-1"}
+    assert received["ts"] == int(ack["id"].split("-")[0])
+
+
+def test_retried_client_id_is_stored_and_broadcast_once(workers, clients, room):
+    alice = clients("alice").connect(workers[0])
+    bob = clients("bob").connect(workers[1])
+    alice.join(room)
+    bob.join(room)
+    first = alice.send(room, "only once", client_id="retry-1")
+    again = alice.send(room, "only once", client_id="retry-1")
+    after = alice.send(room, "next", client_id="retry-2")
+    assert first["ok"] and again == first
+    got = bob.wait_for("message", lambda got: len(got) >= 2)
+    assert [m["id"] for m in got] == [first["id"], after["id"]]
+    history = bob.call("history", {"room": room})["messages"]
+    assert [m["client_id"] for m in history] == ["retry-1", "retry-2"]
+
+
+def test_the_same_client_id_from_another_user_is_another_message(workers, clients, room):
+    alice = clients("alice").connect(workers[0])
+    bob = clients("bob").connect(workers[1])
+    alice.join(room)
+    bob.join(room)
+    assert alice.send(room, "a", client_id="same")["id"] != bob.send(room, "b", client_id="same")["id"]
+
+
+def test_history_on_join_and_paging(workers, clients, room):
+    alice = clients("alice").connect(workers[0])
+    alice.join(room)
+    ids = [alice.send(room, f"m{n}")["id"] for n in range(8)]
+
+    bob = clients("bob").connect(workers[1])
+    ack = bob.join(room)
+    assert [m["id"] for m in ack["history"]] == ids
+    assert [m["text"] for m in ack["history"]] == [f"m{n}" for n in range(8)]
+
+    newest = bob.call("history", {"room": room, "limit": 3})
+    assert [m["id"] for m in newest["messages"]] == ids[-3:]
+    older = bob.call("history", {"room": room, "before": ids[-3], "limit": 3})
+    assert [m["id"] for m in older["messages"]] == ids[2:5]
+    catch_up = bob.call("history", {"room": room, "after": ids[1], "limit": 2})
+    assert [m["id"] for m in catch_up["messages"]] == ids[2:4]
+    between = bob.call("history", {"room": room, "after": ids[1], "before": ids[4]})
+    assert [m["id"] for m in between["messages"]] == ids[2:4]
+
+
+def test_history_over_http(workers, room, clients):
+    w1, w2 = workers
+    alice = clients("alice").connect(w1)
+    alice.join(room)
+    ids = [alice.send(room, f"m{n}")["id"] for n in range(3)]
+    headers = {"Authorization": f"Bearer {w2.token('reader')}"}
+    response = requests.get(f"{w2.url}/api/rooms/{room}/messages",
+                            params={"after": ids[0]}, headers=headers, timeout=5)
+    assert response.status_code == 200
+    assert [m["id"] for m in response.json()["messages"]] == ids[1:]
+    assert requests.get(f"{w2.url}/api/rooms/{room}/messages", timeout=5).status_code == 401
+    bad = requests.get(f"{w2.url}/api/rooms/{room}/messages", params={"limit": "0"},
+                       headers=headers, timeout=5)
+    assert bad.status_code == 400 and bad.json()["error"] == "invalid_limit"
+    bad = requests.get(f"{w2.url}/api/rooms/No%20Such/messages", headers=headers, timeout=5)
+    assert bad.status_code == 400 and bad.json()["error"] == "invalid_room"
+
+
+def test_presence_is_cluster_wide_and_counts_users_not_tabs(workers, clients, room):
+    w1, w2 = workers
+    bob = clients("bob").connect(w2)
+    assert bob.join(room)["members"] == ["bob"]
+    alice_tab1 = clients("alice").connect(w1)
+    alice_tab2 = clients("alice").connect(w2)
+    assert alice_tab1.join(room)["members"] == ["alice", "bob"]
+    assert alice_tab2.join(room)["members"] == ["alice", "bob"]
+    joins = bob.wait_for("presence", lambda got: got)
+    assert joins == [{"room": room, "user": "alice", "state": "join"}]
+
+    alice_tab1.close()
+    assert bob.call("join", {"room": room})["members"] == ["alice", "bob"]
+    assert alice_tab2.call("leave", {"room": room}) == {"ok": True}
+    left = bob.wait_for("presence", lambda got: len(got) >= 2)
+    assert left[1] == {"room": room, "user": "alice", "state": "leave"}
+    assert bob.call("join", {"room": room})["members"] == ["bob"]
+
+
+def test_members_of_a_dead_worker_expire(worker_factory, workers, clients, room):
+    doomed = worker_factory("doomed")
+    bob = clients("bob").connect(workers[0])
+    bob.join(room)
+    carol = clients("carol").connect(doomed)
+    carol.join(room)
+    bob.wait_for("presence", lambda got: got)
+    doomed.stop(signal.SIGKILL)
+    left = bob.wait_for("presence", lambda got: len(got) >= 2, timeout=15)
+    assert left[1] == {"room": room, "user": "carol", "state": "leave"}
+    assert bob.call("join", {"room": room})["members"] == ["bob"]
+
+
+def test_typing_reaches_the_other_members_only(workers, clients, room):
+    alice = clients("alice").connect(workers[0])
+    bob = clients("bob").connect(workers[1])
+    alice.join(room)
+    bob.join(room)
+    alice.sio.emit("typing", {"room": room})
+    assert bob.wait_for("typing", lambda got: got) == [{"room": room, "user": "alice"}]
+    alice.send(room, "sync")
+    alice.wait_for("message", lambda got: got)
+    assert alice.events["typing"] == []
+
+
+def test_rooms_are_listed_with_online_counts(workers, clients, room):
+    alice = clients("alice").connect(workers[0])
+    alice.join(room)
+    response = requests.get(f"{workers[1].url}/api/rooms", timeout=5,
+                            headers={"Authorization": f"Bearer {workers[1].token('x')}"})
+    assert {"room": room, "online": 1} in response.json()["rooms"]
+

@@ -1,0 +1,52 @@
+"""Pure logic: input validation and configuration from the environment."""
+import pytest
+
+from flask_app import validation
+from flask_app.config import Config, ConfigError
+
+
+@pytest.mark.parametrize("value", ["general", "a", "room-1_x", "0" * 64])
+def test_valid_rooms(value):
+    assert validation.room(value) == value
+
+
+@pytest.mark.parametrize("value", ["", "-x", "Upper", "a" * 65, "a b", "é", None, 3, ["a"]])
+def test_invalid_rooms(value):
+    with pytest.raises(validation.ValidationError) as info:
+        validation.room(value)
+    assert info.value.code == "invalid_room"
+
+
+def test_text_limits():
+    assert validation.text("x" * 10, 10) == "x" * 10
+    with pytest.raises(validation.ValidationError, match="at most 10") as info:
+        validation.text("x" * 11, 10)
+    assert info.value.code == "text_too_long"
+
+
+def test_limit_accepts_query_strings_and_refuses_bools():
+    assert validation.limit("5", 50, 200) == 5
+    assert validation.limit(None, 50, 200) == 50
+    for bad in (True, 0, 201, "x", 1.5):
+        with pytest.raises(validation.ValidationError):
+            validation.limit(bad, 50, 200)
+
+
+def test_config_reads_the_environment():
+    config = Config.from_env({"REDIS_URL": "redis://example:1/2", "SCALECHAT_MAX_TEXT": "10",
+                              "SCALECHAT_ALLOWED_ORIGINS": "https://a.example, https://b.example"})
+    assert config.redis_url == "redis://example:1/2"
+    assert config.max_text == 10
+    assert config.cors_allowed_origins == ["https://a.example", "https://b.example"]
+    assert Config.from_env({}).cors_allowed_origins is None
+
+
+@pytest.mark.parametrize("env, variable", [
+    ({"SCALECHAT_MAX_TEXT": "lots"}, "SCALECHAT_MAX_TEXT"),
+    ({"SCALECHAT_PRESENCE_TTL": "0"}, "SCALECHAT_PRESENCE_TTL"),
+    ({"REDIS_URL": "http://x"}, "REDIS_URL"),
+    ({"SCALECHAT_ENV": "staging"}, "SCALECHAT_ENV"),
+])
+def test_bad_settings_name_their_variable(env, variable):
+    with pytest.raises(ConfigError, match=variable):
+        Config.from_env(env)
