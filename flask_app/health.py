@@ -16,4 +16,5 @@ def healthz():
     except redis.RedisError as exc:
         return jsonify(status="unavailable", worker=services.config.worker_id,
                        reason=f"redis: {exc}"), 503
-    return jsonify(status="ok", worker=services.config.worker_id)
+    return jsonify(status="ok", worker=services.config.worker_id,
+                   connections=len(services.presence.local))
