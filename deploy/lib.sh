@@ -39,6 +39,8 @@ server_stat() {
     $1 == "workers" && $2 == server { print $column[field] }'
 }
 
+program_running() { ctl status "$1" 2>/dev/null | grep -q ' RUNNING '; }
+
 worker_name() { printf 'worker-%02d' "$1"; }
 worker_port() { echo $((WORKER_PORT_BASE + $1)); }
 

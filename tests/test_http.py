@@ -1,10 +1,11 @@
 """The HTTP side: sessions, pages, the session cookie on Socket.IO, health, headers."""
 import re
+import subprocess
 
 import pytest
 import requests
 
-from conftest import ChatClient
+from conftest import BIN, ChatClient
 
 
 def test_api_session_issues_a_token_for_a_valid_name(workers):
@@ -85,3 +86,11 @@ def test_login_redirects_only_into_rooms(workers):
                              data={"name": "alice", "next": "https://evil.example/"},
                              timeout=5, allow_redirects=False)
     assert response.status_code == 302 and response.headers["Location"] == "/"
+
+
+def test_a_worker_with_a_bad_setting_refuses_to_start():
+    result = subprocess.run([str(BIN / "scalechat-worker"), "--port", "1"],
+                            env={"SCALECHAT_MAX_TEXT": "lots", "PATH": "/usr/bin:/bin"},
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode != 0
+    assert "scalechat: SCALECHAT_MAX_TEXT must be an integer, got 'lots'" in result.stderr

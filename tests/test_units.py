@@ -50,3 +50,4 @@ def test_config_reads_the_environment():
 def test_bad_settings_name_their_variable(env, variable):
     with pytest.raises(ConfigError, match=variable):
         Config.from_env(env)
+
