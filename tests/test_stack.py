@@ -134,10 +134,10 @@ class ResumingClient(ChatClient):
 
     def enter(self, room):
         """Join `room` and load what was missed since the last message seen."""
+        after = self.ids[-1] if self.ids else None  # before live messages flow again
         ack = self.join(room)
         self.rooms.add(room)
         self.workers_seen.append(ack["worker"])
-        after = self.ids[-1] if self.ids else None
         while True:
             page = self.call("history", {"room": room, "after": after, "limit": 200}
                              if after else {"room": room, "limit": 200})
