@@ -5,6 +5,7 @@ from flask import Flask
 from . import api, health, jsonio, pages
 from .config import Config
 from .events import ChatNamespace
+from .manager import ChatRedisManager
 from .services import Services
 
 
@@ -20,13 +21,14 @@ def create_app(config=None):
         SECRET_KEY=config.secret_key,
         SESSION_COOKIE_HTTPONLY=True,
         SESSION_COOKIE_SAMESITE="Lax",
+        SESSION_COOKIE_SECURE=config.secure_cookies,
         SCALECHAT=config,
     )
     services = Services.from_config(config)
     app.extensions["scalechat"] = services
     sio = socketio.Server(
         async_mode="gevent",
-        client_manager=socketio.RedisManager(config.redis_url, channel=config.channel),
+        client_manager=ChatRedisManager(config.redis_url, config.channel, services.store),
         json=jsonio,
         cors_allowed_origins=config.cors_allowed_origins,
         max_http_buffer_size=config.max_payload,
@@ -36,7 +38,13 @@ def create_app(config=None):
     app.register_blueprint(pages.bp)
     app.register_blueprint(api.bp)
     app.register_blueprint(health.bp)
+    app.after_request(pages.add_security_headers)
     return app
+
+
+def drain(app):
+    """Send every client of this worker elsewhere and let running handlers finish."""
+    return app.extensions["socketio"].namespace_handlers["/"].drain()
 
 
 def create_application(app):

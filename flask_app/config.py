@@ -9,6 +9,7 @@ import socket
 from pathlib import Path
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_SECRET_KEY = "dev-insecure-secret-key"
 
 
 class ConfigError(ValueError):
@@ -22,7 +23,7 @@ class Config:
     redis_url: str = dataclasses.field(
         default="redis://127.0.0.1:6379/0", metadata={"env": "REDIS_URL"})
     secret_key: str = dataclasses.field(
-        default="dev-insecure-secret-key", metadata={"env": "SECRET_KEY"})
+        default=DEFAULT_SECRET_KEY, metadata={"env": "SECRET_KEY"})
     env: str = dataclasses.field(
         default="development", metadata={"env": "SCALECHAT_ENV"})
     worker_id: str = dataclasses.field(
@@ -51,6 +52,20 @@ class Config:
         default=30, metadata={"env": "SCALECHAT_PRESENCE_TTL"})
     max_payload: int = dataclasses.field(
         default=65536, metadata={"env": "SCALECHAT_MAX_PAYLOAD"})
+    # Events per second each connection may send, and the burst above that rate.
+    rate_limit: float = dataclasses.field(
+        default=10.0, metadata={"env": "SCALECHAT_RATE_LIMIT"})
+    rate_burst: int = dataclasses.field(
+        default=20, metadata={"env": "SCALECHAT_RATE_BURST"})
+    # Refused events in a row after which a connection is disconnected as abusive.
+    rate_disconnect_after: int = dataclasses.field(
+        default=100, metadata={"env": "SCALECHAT_RATE_DISCONNECT_AFTER"})
+    # Seconds a stopping worker waits for its handlers to finish.
+    drain_timeout: int = dataclasses.field(
+        default=5, metadata={"env": "SCALECHAT_DRAIN_TIMEOUT"})
+    # Send the session cookie over HTTPS only (set behind a TLS-terminating proxy).
+    secure_cookies: bool = dataclasses.field(
+        default=False, metadata={"env": "SCALECHAT_SECURE_COOKIES"})
     node_modules: str = dataclasses.field(
         default=str(PROJECT_ROOT / "node_modules"),
         metadata={"env": "SCALECHAT_NODE_MODULES"})
@@ -70,9 +85,9 @@ class Config:
     def __post_init__(self):
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
-            if field.type is int and value <= 0:
+            if field.type in (int, float) and value <= 0:
                 raise ConfigError(
-                    f"{field.metadata['env']} must be a positive integer, got {value!r}")
+                    f"{field.metadata['env']} must be a positive number, got {value!r}")
         if not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
             raise ConfigError(
                 f"REDIS_URL must start with redis://, rediss:// or unix://, "
@@ -80,6 +95,9 @@ class Config:
         if self.env not in ("development", "production", "test"):
             raise ConfigError(
                 f"SCALECHAT_ENV must be development, production or test, got {self.env!r}")
+        if self.env == "production" and self.secret_key == DEFAULT_SECRET_KEY:
+            raise ConfigError("SECRET_KEY must be set when SCALECHAT_ENV=production: "
+                              "the default is public")
         if not self.worker_id:
             object.__setattr__(self, "worker_id", f"{socket.gethostname()}-{os.getpid()}")
 
@@ -100,6 +118,15 @@ def _parse(field, raw):
             return int(raw)
         except ValueError:
             raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
+    if field.type is float:
+        try:
+            return float(raw)
+        except ValueError:
+            raise ConfigError(f"{name} must be a number, got {raw!r}") from None
+    if field.type is bool:
+        if raw.lower() not in ("1", "true", "yes", "0", "false", "no"):
+            raise ConfigError(f"{name} must be true or false, got {raw!r}")
+        return raw.lower() in ("1", "true", "yes")
     if field.type is tuple:
         return tuple(part.strip() for part in raw.split(",") if part.strip())
     return raw

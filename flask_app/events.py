@@ -3,10 +3,11 @@ import functools
 import logging
 import time
 
+import gevent
 import redis
 import socketio
 
-from . import auth, validation
+from . import auth, ratelimit, validation
 
 log = logging.getLogger(__name__)
 
@@ -16,7 +17,9 @@ def acknowledged(handler):
 
     @functools.wraps(handler)
     def wrapper(self, sid, *args):
+        self.in_flight += 1
         try:
+            self._check_rate(sid)
             if len(args) != 1:
                 raise validation.ValidationError(
                     "invalid_payload", "send exactly one JSON object")
@@ -30,6 +33,8 @@ def acknowledged(handler):
         except Exception:
             log.exception("handler %s failed", handler.__name__)
             return {"ok": False, "error": "internal_error", "detail": "internal error"}
+        finally:
+            self.in_flight -= 1
 
     return wrapper
 
@@ -40,19 +45,24 @@ class ChatNamespace(socketio.Namespace):
     def __init__(self, app, services):
         super().__init__("/")
         self.app = app
+        self.services = services
         self.config = services.config
         self.tokens = services.tokens
         self.store = services.store
         self.presence = services.presence
+        self.buckets = {}
+        self.in_flight = 0
 
     def on_connect(self, sid, environ, auth_data=None):
         user = auth.connect_user(self.app, self.tokens, environ, auth_data)
         if user is None:
             raise socketio.exceptions.ConnectionRefusedError("unauthorized")
         self.presence.connect(sid, user)
+        self.buckets[sid] = ratelimit.TokenBucket(self.config.rate_limit, self.config.rate_burst)
         self.presence.start_heartbeat(self._announce_gone)
 
     def on_disconnect(self, sid, *reason):
+        self.buckets.pop(sid, None)
         conn = self.presence.connection(sid)
         if conn is None:
             return
@@ -69,18 +79,23 @@ class ChatNamespace(socketio.Namespace):
     @acknowledged
     def on_join(self, sid, data):
         room = validation.room(data.get("room"))
+        since = validation.cursor(data.get("since"), "since")
         conn = self._connection(sid)
         self.enter_room(sid, room)
+        if since is None:
+            history = self.store.history(room, limit=self.config.history_on_join)
+            missed_more = False
+        else:
+            history, missed_more = self.store.since(room, since, self.config.history_max_limit)
+        self.server.manager.remember_delivered(room, history[-1]["id"] if history else since or "0-0")
         fresh, gone = self.presence.join(sid, room)
         self.store.touch_room(room, time.time())
         self._announce_leaves(room, [], gone)
         if fresh:
             self.emit("presence", {"room": room, "user": conn.user, "state": "join"},
                       room=room, skip_sid=sid)
-        return {"ok": True, "room": room,
-                "history": self.store.history(room, limit=self.config.history_on_join),
-                "members": self.presence.members(room),
-                "worker": self.config.worker_id}
+        return {"ok": True, "room": room, "history": history, "missed_more": missed_more,
+                "members": self.presence.members(room), "worker": self.config.worker_id}
 
     @acknowledged
     def on_leave(self, sid, data):
@@ -117,6 +132,28 @@ class ChatNamespace(socketio.Namespace):
         conn = self._member(sid, room)
         self.emit("typing", {"room": room, "user": conn.user}, room=room, skip_sid=sid)
         return {"ok": True}
+
+    def drain(self):
+        """Close every connection so its client reconnects elsewhere; wait for handlers."""
+        self.services.draining = True
+        for eio_socket in list(self.server.eio.sockets.values()):
+            # no CLOSE packet: clients see a lost transport and reconnect by themselves
+            eio_socket.close(wait=False, abort=True)
+        deadline = time.monotonic() + self.config.drain_timeout
+        while self.in_flight and time.monotonic() < deadline:
+            gevent.sleep(0.05)
+        return self.in_flight
+
+    def _check_rate(self, sid):
+        bucket = self.buckets.get(sid)
+        if bucket is None or bucket.allow(time.monotonic()):
+            return
+        if bucket.refused_in_a_row >= self.config.rate_disconnect_after:
+            log.warning("disconnecting %s: %d events over the rate limit in a row",
+                        sid, bucket.refused_in_a_row)
+            self.disconnect(sid)
+        raise validation.ValidationError(
+            "rate_limited", f"slow down: at most {self.config.rate_limit:g} events per second")
 
     def _connection(self, sid):
         conn = self.presence.connection(sid)

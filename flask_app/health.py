@@ -9,8 +9,11 @@ bp = Blueprint("health", __name__)
 
 @bp.get("/healthz")
 def healthz():
-    """200 when this worker reaches Redis, 503 with the reason otherwise."""
+    """200 when this worker reaches Redis and is not stopping, 503 with the reason otherwise."""
     services = get_services()
+    if services.draining:
+        return jsonify(status="draining", worker=services.config.worker_id,
+                       reason="this worker is stopping"), 503
     try:
         services.redis.ping()
     except redis.RedisError as exc:

@@ -70,12 +70,14 @@ return gone
 """
 
 # KEYS: expiry, index. ARGV: ttl_ms, member... Returns the users gone.
-# XX: a connection that left meanwhile is not brought back as a ghost.
+# Members are added back if missing (expired during a Redis outage): the worker's
+# own connections are the truth about them.
 HEARTBEAT = _LIB + """
 local now = now_ms()
 local expires = now + tonumber(ARGV[1])
 for i = 2, #ARGV do
-  redis.call('ZADD', KEYS[1], 'XX', expires, ARGV[i])
+  redis.call('ZADD', KEYS[1], expires, ARGV[i])
+  redis.call('ZADD', KEYS[2], 0, ARGV[i])
 end
 return purge(KEYS[1], KEYS[2], now)
 """

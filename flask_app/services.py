@@ -19,6 +19,7 @@ class Services:
     tokens: Tokens
     store: MessageStore
     presence: Presence
+    draining: bool = False
 
     @classmethod
     def from_config(cls, config):

@@ -1,10 +1,14 @@
 """Room messages in Redis Streams: store, deduplicate, publish, read history."""
 
+# The host_id of the messages the script below publishes: no worker has it, so every
+# worker delivers them, the sender's included.
+STORE_HOST_ID = "scalechat-store"
+
 # One script stores the message and publishes it, so the order on the
 # Socket.IO channel is the order of the stream on every worker, and a retried
 # client_id returns the first id without a second store or broadcast.
-# The published envelope is python-socketio's pub/sub `emit` message; its
-# host_id matches no worker, so every worker (the sender's too) delivers it.
+# The published envelope is python-socketio's pub/sub `emit` message (ARGV[8] is
+# STORE_HOST_ID).
 APPEND_AND_PUBLISH = """
 local existing = redis.call('GET', KEYS[2])
 if existing then
@@ -17,8 +21,23 @@ local message = {id = id, room = ARGV[4], user = ARGV[5], text = ARGV[6],
                  ts = tonumber(string.match(id, '^(%d+)')), client_id = ARGV[7]}
 redis.call('PUBLISH', ARGV[3], cjson.encode({
   method = 'emit', event = 'message', data = {message}, namespace = '/',
-  room = ARGV[4], host_id = 'scalechat-store'}))
+  room = ARGV[4], host_id = ARGV[8]}))
 return {id, 1}
+"""
+
+
+# The messages after `since`, and the newest id the stream's trimming has removed: if
+# that is after `since`, some messages the client missed are gone for good.
+SINCE = """
+local entries = redis.call('XRANGE', KEYS[1], '(' .. ARGV[1], '+', 'COUNT', ARGV[2])
+local trimmed = '0-0'
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  local info = redis.call('XINFO', 'STREAM', KEYS[1])
+  for i = 1, #info, 2 do
+    if info[i] == 'max-deleted-entry-id' then trimmed = info[i + 1] end
+  end
+end
+return {entries, trimmed}
 """
 
 
@@ -30,13 +49,14 @@ class MessageStore:
         self.keys = keys
         self.config = config
         self._append = redis.register_script(APPEND_AND_PUBLISH)
+        self._since = redis.register_script(SINCE)
 
     def append(self, room, user, text, client_id):
         """Store a message and broadcast it to the room; return (id, stored_now)."""
         message_id, created = self._append(
             keys=[self.keys.room_stream(room), self.keys.dedup(room, user, client_id)],
             args=[self.config.history_maxlen, self.config.dedup_ttl,
-                  self.config.channel, room, user, text, client_id])
+                  self.config.channel, room, user, text, client_id, STORE_HOST_ID])
         return message_id, bool(created)
 
     def history(self, room, after=None, before=None, limit=50):
@@ -55,6 +75,17 @@ class MessageStore:
             entries.reverse()
         return [message(room, entry_id, fields) for entry_id, fields in entries]
 
+    def since(self, room, since, limit):
+        """Return (messages after `since`, oldest first, at most `limit`; whether more were missed).
+
+        More were missed when more than `limit` follow `since`, or when the stream's
+        bound has trimmed messages that came after it.
+        """
+        entries, trimmed = self._since(keys=[self.keys.room_stream(room)], args=[since, limit + 1])
+        messages = [message(room, entry_id, dict(zip(fields[::2], fields[1::2])))
+                    for entry_id, fields in entries[:limit]]
+        return messages, len(entries) > limit or id_order(trimmed) > id_order(since)
+
     def touch_room(self, room, now):
         """Record activity in a room for the lobby's list."""
         self.redis.zadd(self.keys.rooms(), {room: now})
@@ -69,3 +100,9 @@ def message(room, message_id, fields):
     return {"id": message_id, "room": room, "user": fields["user"],
             "text": fields["text"], "ts": int(message_id.split("-", 1)[0]),
             "client_id": fields["client_id"]}
+
+
+def id_order(message_id):
+    """Return a sortable form of a stream id ('<ms>-<seq>', or '<ms>')."""
+    ms, _, seq = message_id.partition("-")
+    return int(ms), int(seq or 0)

@@ -22,8 +22,12 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
-def run(application, config, argv=None):
-    """Serve `application` until SIGTERM or SIGINT, then stop accepting and exit."""
+def run(application, config, drain, argv=None):
+    """Serve `application` until SIGTERM or SIGINT, then stop gracefully.
+
+    On a signal it stops accepting connections, calls `drain` (clients are sent to
+    reconnect elsewhere, running handlers finish), then closes what is left.
+    """
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -42,5 +46,11 @@ def run(application, config, argv=None):
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal_handler(signum, stop.set)
     stop.wait()
-    log.info("worker %s stopping", config.worker_id)
-    server.stop(timeout=5)
+    log.info("worker %s stopping: no new connections, moving clients away", config.worker_id)
+    server.close()
+    unfinished = drain()
+    if unfinished:
+        log.warning("worker %s: %d handlers still running after %ss",
+                    config.worker_id, unfinished, config.drain_timeout)
+    server.stop(timeout=1)
+    log.info("worker %s stopped", config.worker_id)

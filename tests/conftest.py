@@ -86,7 +86,8 @@ class Worker:
         self.worker_id = worker_id
         self.env = {**os.environ, "REDIS_URL": redis_url, "SECRET_KEY": SECRET_KEY,
                     "SCALECHAT_WORKER_ID": worker_id, "SCALECHAT_ENV": "test",
-                    "SCALECHAT_PRESENCE_TTL": "3", **env}
+                    "SCALECHAT_PRESENCE_TTL": "3", "SCALECHAT_RATE_LIMIT": "1000",
+                    "SCALECHAT_RATE_BURST": "1000", **env}
         self.log_path = Path(log_dir) / f"{worker_id}.log"
         self.proc = None
 

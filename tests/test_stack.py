@@ -42,7 +42,8 @@ class Stack:
         self.env.update(SCALECHAT_VAR=str(var), WORKERS=str(workers), PORT=str(free_port()),
                         STATS_PORT=str(free_port()), REDIS_PORT=str(free_port()),
                         WORKER_PORT_BASE=str(free_port_run(workers + 1)),
-                        SCALECHAT_PRESENCE_TTL="5")
+                        SCALECHAT_PRESENCE_TTL="5", SCALECHAT_RATE_LIMIT="200",
+                        SCALECHAT_RATE_BURST="400")
         self.url = f"http://127.0.0.1:{self.env['PORT']}"
         self.workers = workers
 

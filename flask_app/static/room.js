@@ -1,5 +1,6 @@
-// A room page: live messages in stream order, history on join, members, typing,
-// and sends retried with the same client_id until acknowledged.
+// A room page: live messages in stream order, history on join, members, typing.
+// After a reconnect it re-joins from the last message seen, so nothing is missed, and
+// re-sends unacknowledged messages with their client_id, so nothing is doubled.
 (function () {
   "use strict";
   const room = document.body.dataset.room;
@@ -17,6 +18,7 @@
   const online = new Set();
   const typists = new Map(); // user -> timer
   let lastTyping = 0;
+  let lastId = null; // the newest message id shown: where a re-join resumes
 
   const socket = io({ transports: ["websocket", "polling"] });
 
@@ -30,6 +32,7 @@
   function showMessage(msg) {
     if (seen.has(msg.id)) return;
     seen.add(msg.id);
+    if (lastId === null || compareIds(msg.id, lastId) > 0) lastId = msg.id;
     const item = document.createElement("li");
     item.dataset.id = msg.id;
     item.className = msg.user === me ? "mine" : "";
@@ -84,9 +87,19 @@
     });
   }
 
+  // Page forward through history until caught up, then call done.
+  function loadAfter(after, done) {
+    socket.emit("history", { room, after, limit: 200 }, (ack) => {
+      if (!ack.ok) { showError(ack.detail || ack.error); return done(); }
+      ack.messages.forEach(showMessage);
+      if (ack.messages.length === 200) loadAfter(ack.messages[199].id, done); else done();
+    });
+  }
+
   socket.on("connect", () => {
     status.textContent = "online";
-    socket.emit("join", { room }, (ack) => {
+    const join = lastId === null ? { room } : { room, since: lastId };
+    socket.emit("join", join, (ack) => {
       if (!ack.ok) {
         showError(ack.detail || ack.error);
         return;
@@ -95,7 +108,9 @@
       online.clear();
       ack.members.forEach((user) => online.add(user));
       showMembers();
-      pending.forEach(send);
+      const resend = () => pending.forEach(send);
+      if (ack.missed_more && ack.history.length) loadAfter(ack.history[ack.history.length - 1].id, resend);
+      else resend();
     });
   });
   socket.on("disconnect", () => { status.textContent = "reconnecting…"; });

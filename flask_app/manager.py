@@ -1,0 +1,89 @@
+"""Our client manager: python-socketio's RedisManager, with delivery that survives lost pub/sub.
+
+Redis pub/sub forgets what it publishes while a listener is away (a Redis restart, a dropped
+connection). Stored messages are in the room's stream, though, so after every (re)subscription
+the worker replays, for each room it has members in, what came after the last message it
+delivered there; live messages it has already delivered are then skipped. Members of a room see
+each message once, in stream order, without reconnecting.
+"""
+import logging
+
+import socketio
+
+from .store import STORE_HOST_ID, id_order
+
+log = logging.getLogger(__name__)
+
+REPLAY_PAGE = 500
+
+
+class ChatRedisManager(socketio.RedisManager):
+    """RedisManager that tracks the last stored message delivered per room and fills gaps."""
+
+    def __init__(self, url, channel, store):
+        super().__init__(url, channel=channel)
+        self.store = store
+        self.last_delivered = {}
+
+    def _redis_connect(self):
+        super()._redis_connect()
+        # keep the subscribe confirmations: each one marks a (re)subscription
+        self.pubsub = self.redis.pubsub()
+
+    def _listen(self):
+        channel = self.channel.encode()
+        for message in self._redis_listen_with_retries():
+            if message["type"] == "subscribe":
+                self._replay_missed()
+            elif message["type"] == "message" and message["channel"] == channel:
+                yield message["data"]
+
+    def _handle_emit(self, message):
+        if message.get("host_id") == STORE_HOST_ID and not self._first_delivery(message):
+            return
+        super()._handle_emit(message)
+
+    def remember_delivered(self, room, message_id):
+        """Start tracking a room this worker just joined, from the last message it read."""
+        self.last_delivered.setdefault(room, message_id)
+
+    def _has_members(self, room):
+        return bool(self.rooms.get("/", {}).get(room))
+
+    def _first_delivery(self, message):
+        stored = message["data"][0]
+        room = stored["room"]
+        if not self._has_members(room):
+            self.last_delivered.pop(room, None)
+            return False
+        last = self.last_delivered.get(room)
+        if last is not None and id_order(stored["id"]) <= id_order(last):
+            return False
+        self.last_delivered[room] = stored["id"]
+        return True
+
+    def _replay_missed(self):
+        for room, last in list(self.last_delivered.items()):
+            if not self._has_members(room):
+                self.last_delivered.pop(room, None)
+                continue
+            replayed = 0
+            try:
+                while True:
+                    page = self.store.history(room, after=last, limit=REPLAY_PAGE)
+                    for stored in page:
+                        self._handle_emit(envelope(stored))
+                    replayed += len(page)
+                    if len(page) < REPLAY_PAGE:
+                        break
+                    last = page[-1]["id"]
+            except Exception:
+                log.exception("could not replay missed messages of %s", room)
+            if replayed:
+                log.warning("replayed %d messages of %s missed while unsubscribed", replayed, room)
+
+
+def envelope(stored):
+    """Return the pub/sub message that delivers a stored message to its room."""
+    return {"method": "emit", "event": "message", "data": [stored], "namespace": "/",
+            "room": stored["room"], "host_id": STORE_HOST_ID}
