@@ -4,6 +4,7 @@ from flask import Flask
 
 from . import api, health, jsonio, pages
 from .config import Config
+from .engine import ChatServer
 from .events import ChatNamespace
 from .manager import ChatRedisManager
 from .services import Services
@@ -26,7 +27,7 @@ def create_app(config=None):
     )
     services = Services.from_config(config)
     app.extensions["scalechat"] = services
-    sio = socketio.Server(
+    sio = ChatServer(
         async_mode="gevent",
         client_manager=ChatRedisManager(config.redis_url, config.channel, services.store),
         json=jsonio,

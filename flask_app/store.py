@@ -26,18 +26,12 @@ return {id, 1}
 """
 
 
-# The messages after `since`, and the newest id the stream's trimming has removed: if
-# that is after `since`, some messages the client missed are gone for good.
+# The messages after `since`, and the oldest id the stream still holds: if that is
+# after `since`, `since` itself was trimmed, and messages after it may have been too.
 SINCE = """
 local entries = redis.call('XRANGE', KEYS[1], '(' .. ARGV[1], '+', 'COUNT', ARGV[2])
-local trimmed = '0-0'
-if redis.call('EXISTS', KEYS[1]) == 1 then
-  local info = redis.call('XINFO', 'STREAM', KEYS[1])
-  for i = 1, #info, 2 do
-    if info[i] == 'max-deleted-entry-id' then trimmed = info[i + 1] end
-  end
-end
-return {entries, trimmed}
+local first = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)[1]
+return {entries, first and first[1] or '0-0'}
 """
 
 
@@ -79,12 +73,12 @@ class MessageStore:
         """Return (messages after `since`, oldest first, at most `limit`; whether more were missed).
 
         More were missed when more than `limit` follow `since`, or when the stream's
-        bound has trimmed messages that came after it.
+        bound has trimmed `since` (and perhaps messages after it).
         """
-        entries, trimmed = self._since(keys=[self.keys.room_stream(room)], args=[since, limit + 1])
+        entries, oldest = self._since(keys=[self.keys.room_stream(room)], args=[since, limit + 1])
         messages = [message(room, entry_id, dict(zip(fields[::2], fields[1::2])))
                     for entry_id, fields in entries[:limit]]
-        return messages, len(entries) > limit or id_order(trimmed) > id_order(since)
+        return messages, len(entries) > limit or id_order(oldest) > id_order(since)
 
     def touch_room(self, room, now):
         """Record activity in a room for the lobby's list."""

@@ -1,0 +1,33 @@
+"""Our Socket.IO server: python-socketio's, on an Engine.IO server that refuses bad requests cleanly.
+
+python-engineio closes a session that sent a malformed polling packet by waiting for a poll
+to drain its queue, which may never come (the request then hangs), and answers 500 to a
+request for a session that has just closed. Both are a client's fault and get a 400 here.
+"""
+import engineio
+import socketio
+
+
+class EngineServer(engineio.Server):
+    """Engine.IO server whose refusals never hang and never answer 500."""
+
+    def disconnect(self, sid=None):
+        """Close sessions without waiting for a poll that may never come."""
+        for key in [sid] if sid is not None else list(self.sockets):
+            eio_socket = self.sockets.pop(key, None)
+            if eio_socket is not None:
+                eio_socket.close(wait=False, reason=self.reason.SERVER_DISCONNECT)
+
+    def handle_request(self, environ, start_response):
+        try:
+            return super().handle_request(environ, start_response)
+        except KeyError:  # the session closed while this request was on its way
+            start_response("400 BAD REQUEST", [("Content-Type", "text/plain")])
+            return [b"Session is closed"]
+
+
+class ChatServer(socketio.Server):
+    """socketio.Server on EngineServer."""
+
+    def _engineio_server_class(self):
+        return EngineServer

@@ -1,0 +1,177 @@
+"""Recovery and protection: resuming after a reconnect, Redis outages, graceful stops, limits."""
+import signal
+import subprocess
+import time
+
+import pytest
+import requests
+import socketio
+
+from conftest import BIN, RedisServer, free_port, wait_until
+
+
+def test_rejoin_since_returns_exactly_what_was_missed(workers, clients, room):
+    alice = clients("alice").connect(workers[0])
+    alice.join(room)
+    ids = [alice.send(room, f"m{n}")["id"] for n in range(6)]
+    bob = clients("bob").connect(workers[1])
+    ack = bob.join(room, since=ids[2])
+    assert [m["id"] for m in ack["history"]] == ids[3:]
+    assert ack["missed_more"] is False
+    assert bob.join(room, since=ids[-1])["history"] == []
+
+
+def test_missed_more_when_more_followed_than_fit(worker_factory, clients, room):
+    small = worker_factory("small-pages", SCALECHAT_HISTORY_MAX_LIMIT="5")
+    alice = clients("alice").connect(small)
+    alice.join(room)
+    ids = [alice.send(room, f"m{n}")["id"] for n in range(12)]
+    ack = alice.join(room, since=ids[0])
+    assert [m["id"] for m in ack["history"]] == ids[1:6] and ack["missed_more"] is True
+    rest = alice.call("history", {"room": room, "after": ids[5], "limit": 5})["messages"]
+    assert [m["id"] for m in rest] == ids[6:11]
+
+
+def test_missed_more_when_the_bounded_history_dropped_some(worker_factory, clients, room):
+    bounded = worker_factory("bounded", SCALECHAT_HISTORY_MAXLEN="10")
+    alice = clients("alice").connect(bounded)
+    alice.join(room)
+    first = alice.send(room, "the first")["id"]
+    for n in range(300):  # XADD MAXLEN ~ trims whole stream nodes (100 entries each)
+        alice.send(room, f"m{n}")
+    ack = alice.join(room, since=first)
+    assert ack["missed_more"] is True
+    assert ack["history"] and ack["history"][0]["text"] != "m0"
+
+
+@pytest.fixture
+def own_redis(tmp_path):
+    """A Redis with an append-only file, restartable on the same port and data."""
+    server = RedisServer(tmp_path)
+    server.args = ["--appendonly", "yes", "--appendfsync", "always"]
+    yield server
+    server.stop()
+
+
+def start_persistent(server):
+    server.proc = subprocess.Popen(
+        ["redis-server", "--port", str(server.port), "--bind", "127.0.0.1", "--dir",
+         str(server.directory), "--save", "", *server.args], stdout=subprocess.DEVNULL)
+    import redis
+    client = redis.Redis.from_url(server.url)
+
+    def answers():
+        try:
+            return client.ping()
+        except redis.ConnectionError:
+            return False
+    wait_until(answers, what="the restarted redis-server")
+
+
+def test_a_redis_restart_loses_nothing_and_needs_no_reconnect(own_redis, worker_factory,
+                                                             clients, room):
+    start_persistent(own_redis)
+    w1 = worker_factory("outage-1", redis_url=own_redis.url)
+    w2 = worker_factory("outage-2", redis_url=own_redis.url)
+    alice = clients("alice").connect(w1)
+    bob = clients("bob").connect(w2)
+    alice.join(room)
+    bob.join(room)
+    before = alice.send(room, "before the outage")["id"]
+
+    own_redis.stop()
+    health = requests.get(w1.url + "/healthz", timeout=10)
+    assert health.status_code == 503 and "redis" in health.json()["reason"]
+    refused = alice.send(room, "during the outage", client_id="outage-msg")
+    assert refused == {"ok": False, "error": "unavailable", "detail": refused["detail"]}
+
+    start_persistent(own_redis)
+    wait_until(lambda: requests.get(w1.url + "/healthz", timeout=5).ok, timeout=20,
+               what="the worker to reach Redis again")
+    # sent as soon as Redis is back: the workers' listeners may still be reconnecting,
+    # and catch up from the stream once they are
+    during = alice.send(room, "during the outage", client_id="outage-msg")
+    after = bob.send(room, "after the outage")
+    assert during["ok"] and after["ok"]
+    expected = [before, during["id"], after["id"]]
+    for client in (alice, bob):
+        got = client.wait_for("message", lambda got: len(got) >= 3, timeout=90)
+        assert [m["id"] for m in got] == expected
+    assert [m["id"] for m in bob.call("history", {"room": room})["messages"]] == expected
+    assert alice.sio.connected and bob.sio.connected
+
+
+def test_sigterm_moves_clients_off_and_exits_promptly(worker_factory, clients, room):
+    leaving = worker_factory("leaving")
+    alice = clients("alice")
+    alice.sio = socketio.Client(reconnection=True, reconnection_delay=0.2)
+    disconnects = []
+    alice.sio.on("disconnect", lambda *reason: disconnects.append(reason))
+    alice.connect(leaving)
+    alice.join(room)
+    started = time.monotonic()
+    leaving.proc.send_signal(signal.SIGTERM)
+    assert leaving.proc.wait(timeout=15) == 0
+    assert time.monotonic() - started < 10
+    wait_until(lambda: disconnects, what="the client to notice")
+    # the transport was dropped without a goodbye, so the client tries to reconnect
+    wait_until(lambda: alice.sio._reconnect_task is not None, what="a reconnect attempt")
+    assert "stopping: no new connections" in leaving.log_path.read_text()
+
+
+def test_a_flood_is_rate_limited_then_disconnected(worker_factory, clients, room):
+    strict = worker_factory("strict", SCALECHAT_RATE_LIMIT="10", SCALECHAT_RATE_BURST="20",
+                            SCALECHAT_RATE_DISCONNECT_AFTER="30")
+    flooder = clients("flooder").connect(strict)
+    calm = clients("calm").connect(strict)
+    flooder.join(room)
+    calm.join(room)
+    acks = []
+    for n in range(30):  # all at once: the bucket holds 20
+        flooder.sio.emit("message", {"room": room, "text": f"spam {n}", "client_id": f"s{n}"},
+                         callback=acks.append)
+    wait_until(lambda: len(acks) == 30, what="every ack")
+    assert 19 <= sum(ack["ok"] for ack in acks) <= 22  # the burst, less the join, plus refill
+    limited = [ack for ack in acks if not ack["ok"]]
+    assert {ack["error"] for ack in limited} == {"rate_limited"}
+    for n in range(40):
+        flooder.sio.emit("message", {"room": room, "text": "spam", "client_id": f"x{n}"})
+    wait_until(lambda: not flooder.sio.connected, what="the flooder to be disconnected")
+    assert calm.send(room, "still fine")["ok"]
+
+
+def test_production_refuses_the_default_secret_key():
+    result = subprocess.run([str(BIN / "scalechat-worker"), "--port", str(free_port())],
+                            env={"SCALECHAT_ENV": "production", "PATH": "/usr/bin:/bin"},
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode != 0 and "SECRET_KEY must be set" in result.stderr
+
+
+def handshake_status(worker, origin):
+    """Engine.IO checks the Origin at the handshake, for polling and WebSocket alike."""
+    response = requests.get(worker.url + "/socket.io/", params={"EIO": "4", "transport": "polling"},
+                            headers={"Origin": origin}, timeout=5)
+    return response.status_code, response.text
+
+
+def test_origins_outside_the_allow_list_are_refused(worker_factory):
+    listed = worker_factory("origins", SCALECHAT_ALLOWED_ORIGINS="https://chat.example")
+    assert handshake_status(listed, "https://chat.example")[0] == 200
+    assert handshake_status(listed, "https://evil.example") == (400, '"Not an accepted origin."')
+
+
+def test_same_origin_only_by_default(workers):
+    assert handshake_status(workers[0], workers[0].url)[0] == 200
+    assert handshake_status(workers[0], "https://evil.example") == (400, '"Not an accepted origin."')
+
+
+def test_pages_carry_security_headers(workers):
+    response = requests.get(workers[0].url + "/", timeout=5)
+    csp = response.headers["Content-Security-Policy"]
+    assert "script-src 'self'" in csp and "unsafe-inline" not in csp
+    assert response.headers["X-Content-Type-Options"] == "nosniff"
+    browser = requests.Session()
+    login = browser.post(workers[0].url + "/login", data={"name": "alice"}, timeout=5,
+                         allow_redirects=False)
+    assert "SameSite=Lax" in login.headers["Set-Cookie"]
+    assert "HttpOnly" in login.headers["Set-Cookie"]
