@@ -14,6 +14,8 @@ import redis
 import requests
 import socketio
 
+pytest_plugins = ["deployment"]  # the stack fixtures
+
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 SECRET_KEY = "test-secret-key"

@@ -15,7 +15,7 @@ EVENTS = ["join", "leave", "message", "history", "typing"]
 FIELDS = ["room", "text", "client_id", "after", "before", "since", "limit"]
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-2**53, 2**53) | st.floats(allow_nan=False)
+    st.none() | st.booleans() | st.integers(-2**53, 2**53) | st.floats(allow_nan=False, allow_infinity=False)
     | st.text(max_size=50) | st.text(min_size=1990, max_size=2100),
     lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
     max_leaves=12)
@@ -55,7 +55,7 @@ def open_raw_socket(worker):
 MALFORMED_FRAMES = [
     "", "x", "4", "42", "42[", '42["message"', '42{"room":1}', "42[1,2]", '42["join"]',
     '42["message",' + "[" * 5000 + "]" * 5000 + "]", '451-["message",{"_placeholder":true,"num":0}]',
-    '43["message"]', "49", "4\x00", "2probe", "3", "5", "6", "9", '42["join",{"room":"\\ud800"}]',
+    '42["join",{"room":Infinity}]', '43["message"]', "49", "4\x00", "2probe", "3", "5", "6", "9", '42["join",{"room":"\\ud800"}]',
     '421["message",{"room":"fuzz","text":"\\u0000","client_id":"a"}]',
     b"\x00\xff\xfe", b"\x04binary",
 ]

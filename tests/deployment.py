@@ -1,0 +1,204 @@
+"""The deployed stack for tests: deploy/run under a temp var/, and clients that resume like browsers."""
+import os
+import socket
+import subprocess
+import time
+import uuid
+
+import pytest
+import requests
+import socketio
+
+from conftest import ROOT, ChatClient, free_port
+
+
+def free_port_run(count):
+    """Return the first of `count` consecutive free ports."""
+    while True:
+        base = free_port()
+        if base + count < 65000 and all(port_is_free(base + n) for n in range(count)):
+            return base
+
+
+def port_is_free(port):
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+class Stack:
+    """The whole stack started by deploy/run from supervisord.conf, under a temp var/."""
+
+    def __init__(self, var, workers=2):
+        self.var = var
+        self.env = {key: value for key, value in os.environ.items()
+                    if not key.startswith(("SCALECHAT_", "REDIS_")) and key not in (
+                        "WORKERS", "PORT", "SECRET_KEY", "PUBLIC_BIND", "STATS_PORT")}
+        self.env.update(SCALECHAT_VAR=str(var), WORKERS=str(workers), PORT=str(free_port()),
+                        STATS_PORT=str(free_port()), REDIS_PORT=str(free_port()),
+                        WORKER_PORT_BASE=str(free_port_run(workers + 1)),
+                        SCALECHAT_PRESENCE_TTL="5", SCALECHAT_RATE_LIMIT="200",
+                        SCALECHAT_RATE_BURST="400")
+        self.url = f"http://127.0.0.1:{self.env['PORT']}"
+        self.workers = workers
+
+    def script(self, name, *args, check=True, timeout=180):
+        result = subprocess.run([str(ROOT / "deploy" / name), *args], env=self.env, cwd=ROOT,
+                                capture_output=True, text=True, timeout=timeout)
+        if check:
+            assert result.returncode == 0, f"deploy/{name}: {result.stdout}\n{result.stderr}"
+        return result
+
+    def ctl(self, *args):
+        return subprocess.run(
+            [str(ROOT / ".venv/bin/supervisorctl"), "-c", str(ROOT / "supervisord.conf"),
+             "-s", f"unix://{self.var}/run/supervisor.sock", *args],
+            capture_output=True, text=True, timeout=30).stdout
+
+    def states(self):
+        return dict(line.split()[:2] for line in self.ctl("status").splitlines() if line.strip())
+
+    def pids(self):
+        return {name: int(self.ctl("pid", name).strip()) for name in self.states()}
+
+    def server_stats(self, server):
+        """HAProxy's `show stat` row for a worker, as a dict."""
+        out = subprocess.run(["socat", "-t", "5", "stdio", f"unix-connect:{self.var}/run/haproxy.sock"],
+                             input="show stat\n", capture_output=True, text=True, timeout=10).stdout
+        lines = out.splitlines()
+        header = lines[0].lstrip("# ").split(",")
+        for line in lines[1:]:
+            row = dict(zip(header, line.split(",")))
+            if row.get("pxname") == "workers" and row.get("svname") == server:
+                return row
+        raise AssertionError(f"no HAProxy row for {server}")
+
+    def token(self, name):
+        return requests.post(self.url + "/api/session", json={"name": name}, timeout=5).json()["token"]
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    stack = Stack(tmp_path_factory.mktemp("var"))
+    stack.script("run")
+    pids = stack.pids()
+    yield stack
+    stack.script("stop")
+    alive = [pid for pid in pids.values() if os.path.exists(f"/proc/{pid}")]
+    assert not alive, f"processes left after deploy/stop: {alive}"
+
+
+class ResumingClient(ChatClient):
+    """A client through the proxy that reconnects, re-joins and fills any gap from history."""
+
+    def __init__(self, name, stack, transports=("websocket",)):
+        super().__init__(name)
+        self.http = requests.Session()
+        self.sio = socketio.Client(reconnection=True, reconnection_delay=0.2,
+                                   reconnection_delay_max=1, http_session=self.http)
+        self.sio.on("message", self._on_message)
+        self.sio.on("connect", self._on_connect)
+        self.stack = stack
+        self.transports = list(transports)
+        self.rooms = set()
+        self.ids = []
+        self.out_of_order = 0
+        self._last_live = None
+        self.connects = 0
+        self.resends = 0
+        self.workers_seen = []
+
+    def start(self):
+        self.sio.connect(self.stack.url, auth={"token": self.stack.token(self.name)},
+                         transports=self.transports, wait_timeout=10)
+        return self
+
+    def _on_message(self, message):
+        with self._changed:
+            order = tuple(map(int, message["id"].split("-")))
+            if self._last_live is not None and order <= self._last_live:
+                self.out_of_order += 1
+            self._last_live = order
+            if message["id"] not in self.ids:
+                self.ids.append(message["id"])
+            self._changed.notify_all()
+
+    def _on_connect(self):
+        self.connects += 1
+        self._last_live = None  # a new connection may repeat what history already gave
+        if self.connects > 1:
+            self.sio.start_background_task(self._resume)
+
+    def _resume(self):
+        for room in list(self.rooms):
+            try:
+                self.enter(room)
+            except Exception:
+                return  # disconnected again: the next connect resumes
+
+    def enter(self, room):
+        """Join `room` and load what was missed since the last message seen."""
+        after = self.ids[-1] if self.ids else None  # before live messages flow again
+        ack = self.join(room)
+        self.rooms.add(room)
+        self.workers_seen.append(ack["worker"])
+        while True:
+            page = self.call("history", {"room": room, "after": after, "limit": 200}
+                             if after else {"room": room, "limit": 200})
+            assert page["ok"], page
+            with self._changed:
+                for message in page["messages"]:
+                    if message["id"] not in self.ids:
+                        self.ids.append(message["id"])
+                self.ids.sort(key=lambda i: tuple(map(int, i.split("-"))))
+            if len(page["messages"]) < 200:
+                return ack
+            after = page["messages"][-1]["id"]
+
+    def send_reliably(self, room, text, timeout=60):
+        """Send until acknowledged, re-sending the same client_id across reconnects."""
+        client_id = uuid.uuid4().hex
+        deadline = time.monotonic() + timeout
+        attempts = 0
+        while time.monotonic() < deadline:
+            attempts += 1
+            self.resends += attempts > 1
+            try:
+                ack = self.sio.call("message", {"room": room, "text": text, "client_id": client_id},
+                                    timeout=3)
+            except Exception:
+                time.sleep(0.2)
+                continue
+            if ack.get("ok"):
+                return ack["id"]
+            time.sleep(0.2)  # e.g. not_member while re-joining, unavailable while Redis restarts
+        raise AssertionError(f"{self.name}: message never acknowledged")
+
+
+@pytest.fixture
+def resuming(stack):
+    made = []
+
+    def make(name, **kwargs):
+        client = ResumingClient(name, stack, **kwargs).start()
+        made.append(client)
+        return client
+    yield make
+    for client in made:
+        client.close()
+
+
+def stream_ids(stack, room):
+    """Every message id of the room's stream, oldest first, read through the proxy."""
+    headers = {"Authorization": f"Bearer {stack.token('auditor')}"}
+    ids, params = [], {"limit": 200, "after": "0-0"}
+    while True:
+        page = requests.get(f"{stack.url}/api/rooms/{room}/messages", params=params,
+                            headers=headers, timeout=10).json()["messages"]
+        ids += [m["id"] for m in page]
+        if len(page) < 200:
+            return ids
+        params["after"] = ids[-1]
