@@ -203,6 +203,28 @@ def test_two_browsers_chat_through_the_proxy(stack, chromium, room, tmp_path):
     assert (tmp_path / "alice.png").stat().st_size > 0
 
 
+def test_a_browser_page_misses_nothing_across_a_rolling_restart(stack, chromium, resuming, room):
+    page = chromium.new_context().new_page()
+    page.goto(stack.url + "/")
+    page.fill("#name", "Carol")
+    page.click("button[type=submit]")
+    page.goto(f"{stack.url}/rooms/{room}")
+    page.wait_for_selector("#status:text('online')")
+    bob = resuming("bob")
+    bob.enter(room)
+    sent = []
+    restarting = threading.Thread(target=stack.script, args=("rolling-restart", "--drain-seconds", "0"))
+    restarting.start()
+    while restarting.is_alive() or len(sent) < 20:
+        sent.append(bob.send_reliably(room, f"message {len(sent)}"))
+        time.sleep(0.05)
+    restarting.join()
+    page.wait_for_function(f"document.querySelectorAll('#messages li').length >= {len(sent)}",
+                           timeout=30_000)
+    shown = page.eval_on_selector_all("#messages li", "items => items.map(i => i.dataset.id)")
+    assert shown == sent
+
+
 def test_a_taken_port_stops_the_start_with_its_name(tmp_path):
     blocker = socket.socket()
     blocker.bind(("127.0.0.1", 0))
