@@ -8,7 +8,7 @@ monkey.patch_all()
 
 import sys  # noqa: E402
 
-from flask_app import create_app, create_application, drain  # noqa: E402
+from flask_app import create_app, create_application, drain, start_background  # noqa: E402
 from flask_app.config import ConfigError  # noqa: E402
 
 try:
@@ -21,4 +21,5 @@ application = create_application(app)
 def main(argv=None):
     """Serve this worker until SIGTERM or SIGINT."""
     from flask_app import worker
-    worker.run(application, app.config["SCALECHAT"], lambda: drain(app), argv)
+    worker.run(application, app.config["SCALECHAT"], lambda: start_background(app),
+               lambda: drain(app), argv)

@@ -29,18 +29,27 @@ def create_app(config=None):
     app.extensions["scalechat"] = services
     sio = ChatServer(
         async_mode="gevent",
-        client_manager=ChatRedisManager(config.redis_url, config.channel, services.store),
+        client_manager=ChatRedisManager(config.redis_url, config.channel, services.store,
+                                        services.metrics),
         json=jsonio,
         cors_allowed_origins=config.cors_allowed_origins,
         max_http_buffer_size=config.max_payload,
     )
     sio.register_namespace(ChatNamespace(app, services))
+    if config.admin_password:
+        sio.instrument(auth={"username": "admin", "password": config.admin_password},
+                       mode="production", server_id=config.worker_id)
     app.extensions["socketio"] = sio
     app.register_blueprint(pages.bp)
     app.register_blueprint(api.bp)
     app.register_blueprint(health.bp)
     app.after_request(pages.add_security_headers)
     return app
+
+
+def start_background(app):
+    """Start the Redis listener and the presence heartbeat of a serving worker."""
+    app.extensions["socketio"].namespace_handlers["/"].start_background()
 
 
 def drain(app):

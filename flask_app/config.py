@@ -63,6 +63,9 @@ class Config:
     # Seconds a stopping worker waits for its handlers to finish.
     drain_timeout: int = dataclasses.field(
         default=5, metadata={"env": "SCALECHAT_DRAIN_TIMEOUT"})
+    # Password of the Socket.IO Admin UI (user "admin", namespace /admin); empty: off.
+    admin_password: str = dataclasses.field(
+        default="", metadata={"env": "SCALECHAT_ADMIN_PASSWORD"})
     # Send the session cookie over HTTPS only (set behind a TLS-terminating proxy).
     secure_cookies: bool = dataclasses.field(
         default=False, metadata={"env": "SCALECHAT_SECURE_COOKIES"})

@@ -27,7 +27,13 @@ class EngineServer(engineio.Server):
 
 
 class ChatServer(socketio.Server):
-    """socketio.Server on EngineServer."""
+    """socketio.Server on EngineServer, whose client manager can start before any client."""
 
     def _engineio_server_class(self):
         return EngineServer
+
+    def start_manager(self):
+        """Subscribe to Redis now rather than at the first connection, so readiness can tell."""
+        if not self.manager_initialized:
+            self.manager_initialized = True
+            self.manager.initialize()

@@ -15,9 +15,12 @@ log = logging.getLogger(__name__)
 def acknowledged(handler):
     """Turn a handler's result or refusal into an ack; never let an error escape."""
 
+    event = handler.__name__.removeprefix("on_")
+
     @functools.wraps(handler)
     def wrapper(self, sid, *args):
         self.in_flight += 1
+        started = time.perf_counter()
         try:
             self._check_rate(sid)
             if len(args) != 1:
@@ -25,16 +28,16 @@ def acknowledged(handler):
                     "invalid_payload", "send exactly one JSON object")
             return handler(self, sid, validation.payload(args[0]))
         except validation.ValidationError as exc:
-            return {"ok": False, "error": exc.code, "detail": exc.detail}
-        except redis.RedisError:
-            log.warning("redis unavailable during %s", handler.__name__, exc_info=True)
-            return {"ok": False, "error": "unavailable",
-                    "detail": "the message store is unavailable; retry shortly"}
+            return self._refuse(exc.code, exc.detail)
+        except redis.RedisError as exc:
+            log.warning("redis unavailable during %s: %s", event, exc, extra={"sid": sid})
+            return self._refuse("unavailable", "the message store is unavailable; retry shortly")
         except Exception:
-            log.exception("handler %s failed", handler.__name__)
-            return {"ok": False, "error": "internal_error", "detail": "internal error"}
+            log.exception("handler %s failed", event, extra={"sid": sid})
+            return self._refuse("internal_error", "internal error")
         finally:
             self.in_flight -= 1
+            self.metrics.handler_seconds(event).observe(time.perf_counter() - started)
 
     return wrapper
 
@@ -50,22 +53,30 @@ class ChatNamespace(socketio.Namespace):
         self.tokens = services.tokens
         self.store = services.store
         self.presence = services.presence
+        self.metrics = services.metrics
         self.buckets = {}
         self.in_flight = 0
 
     def on_connect(self, sid, environ, auth_data=None):
         user = auth.connect_user(self.app, self.tokens, environ, auth_data)
         if user is None:
+            self.metrics.refused.inc()
+            log.info("connect refused", extra={"sid": sid, "reason": "unauthorized"})
             raise socketio.exceptions.ConnectionRefusedError("unauthorized")
         self.presence.connect(sid, user)
         self.buckets[sid] = ratelimit.TokenBucket(self.config.rate_limit, self.config.rate_burst)
-        self.presence.start_heartbeat(self._announce_gone)
+        self.metrics.connects.inc()
+        self.metrics.connected.inc()
+        log.info("connect", extra={"sid": sid, "user": user})
 
     def on_disconnect(self, sid, *reason):
         self.buckets.pop(sid, None)
         conn = self.presence.connection(sid)
         if conn is None:
             return
+        self.metrics.connected.dec()
+        log.info("disconnect", extra={"sid": sid, "user": conn.user, "rooms": sorted(conn.rooms),
+                                      "reason": str(reason[0]) if reason else None})
         for room in list(conn.rooms):
             try:
                 left, gone = self.presence.leave(sid, room)
@@ -82,14 +93,19 @@ class ChatNamespace(socketio.Namespace):
         since = validation.cursor(data.get("since"), "since")
         conn = self._connection(sid)
         self.enter_room(sid, room)
-        if since is None:
-            history = self.store.history(room, limit=self.config.history_on_join)
-            missed_more = False
-        else:
-            history, missed_more = self.store.since(room, since, self.config.history_max_limit)
+        with self.metrics.redis_timer("history"):
+            if since is None:
+                history = self.store.history(room, limit=self.config.history_on_join)
+                missed_more = False
+            else:
+                history, missed_more = self.store.since(room, since,
+                                                        self.config.history_max_limit)
         self.server.manager.remember_delivered(room, history[-1]["id"] if history else since or "0-0")
-        fresh, gone = self.presence.join(sid, room)
+        with self.metrics.redis_timer("presence"):
+            fresh, gone = self.presence.join(sid, room)
         self.store.touch_room(room, time.time())
+        self.metrics.joins.inc()
+        log.info("join", extra={"sid": sid, "user": conn.user, "room": room})
         self._announce_leaves(room, [], gone)
         if fresh:
             self.emit("presence", {"room": room, "user": conn.user, "state": "join"},
@@ -113,7 +129,11 @@ class ChatNamespace(socketio.Namespace):
         text = validation.text(data.get("text"), self.config.max_text)
         client_id = validation.client_id(data.get("client_id"))
         conn = self._member(sid, room)
-        message_id, _ = self.store.append(room, conn.user, text, client_id)
+        self.metrics.received.inc()
+        with self.metrics.redis_timer("append"):
+            message_id, stored = self.store.append(room, conn.user, text, client_id)
+        if stored:
+            self.metrics.stored.inc()
         return {"ok": True, "id": message_id}
 
     @acknowledged
@@ -149,11 +169,16 @@ class ChatNamespace(socketio.Namespace):
         if bucket is None or bucket.allow(time.monotonic()):
             return
         if bucket.refused_in_a_row >= self.config.rate_disconnect_after:
-            log.warning("disconnecting %s: %d events over the rate limit in a row",
-                        sid, bucket.refused_in_a_row)
+            log.warning("disconnecting: %d events over the rate limit in a row",
+                        bucket.refused_in_a_row, extra={"sid": sid})
+            self.metrics.rate_limit_disconnects.inc()
             self.disconnect(sid)
         raise validation.ValidationError(
             "rate_limited", f"slow down: at most {self.config.rate_limit:g} events per second")
+
+    def _refuse(self, code, detail):
+        self.metrics.error_ack(code)
+        return {"ok": False, "error": code, "detail": detail}
 
     def _connection(self, sid):
         conn = self.presence.connection(sid)
@@ -167,8 +192,16 @@ class ChatNamespace(socketio.Namespace):
             raise validation.ValidationError("not_member", f"join {room} before using it")
         return conn
 
-    def _announce_gone(self, room, user):
-        self._announce_leaves(room, [user], [])
+    def start_background(self):
+        """Start what runs beside the handlers: the Redis listener and the presence heartbeat."""
+        self.server.start_manager()
+        self.presence.start_heartbeat(self._on_heartbeat)
+
+    def _on_heartbeat(self, gone):
+        for room, users in gone.items():
+            self._announce_leaves(room, users, [])
+        self.metrics.rooms.set(len({room for conn in self.presence.local.values()
+                                    for room in conn.rooms}))
 
     def _announce_leaves(self, room, left, gone):
         for user in [*left, *gone]:

@@ -1,7 +1,8 @@
-"""Health of this worker, for the proxy's checks and for operators."""
+"""Liveness, readiness and metrics of this worker, for the proxy, Prometheus and operators."""
 import redis
-from flask import Blueprint, jsonify
+from flask import Blueprint, current_app, jsonify
 
+from . import metrics
 from .services import get_services
 
 bp = Blueprint("health", __name__)
@@ -9,15 +10,36 @@ bp = Blueprint("health", __name__)
 
 @bp.get("/healthz")
 def healthz():
-    """200 when this worker reaches Redis and is not stopping, 503 with the reason otherwise."""
+    """200 while the process serves requests: restart it only when this fails."""
     services = get_services()
-    if services.draining:
-        return jsonify(status="draining", worker=services.config.worker_id,
-                       reason="this worker is stopping"), 503
-    try:
-        services.redis.ping()
-    except redis.RedisError as exc:
-        return jsonify(status="unavailable", worker=services.config.worker_id,
-                       reason=f"redis: {exc}"), 503
     return jsonify(status="ok", worker=services.config.worker_id,
                    connections=len(services.presence.local))
+
+
+@bp.get("/readyz")
+def readyz():
+    """200 when this worker should get clients: Redis answers, the listener hears, not stopping."""
+    services = get_services()
+    problem = None
+    if services.draining:
+        problem = "draining: this worker is stopping"
+    else:
+        try:
+            services.redis.ping()
+        except redis.RedisError as exc:
+            problem = f"redis: {exc}"
+        else:
+            if not current_app.extensions["socketio"].manager.listening():
+                problem = "redis pub/sub listener is not subscribed"
+    if problem:
+        return jsonify(status="unavailable", worker=services.config.worker_id,
+                       reason=problem), 503
+    return jsonify(status="ok", worker=services.config.worker_id,
+                   connections=len(services.presence.local))
+
+
+@bp.get("/metrics")
+def scrape():
+    """Prometheus metrics of every worker on this host."""
+    body, content_type = metrics.exposition()
+    return body, 200, {"Content-Type": content_type}

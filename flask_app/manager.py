@@ -7,7 +7,9 @@ delivered there; live messages it has already delivered are then skipped. Member
 each message once, in stream order, without reconnecting.
 """
 import logging
+import time
 
+import gevent
 import socketio
 
 from .store import STORE_HOST_ID, id_order
@@ -15,15 +17,38 @@ from .store import STORE_HOST_ID, id_order
 log = logging.getLogger(__name__)
 
 REPLAY_PAGE = 500
+# The listener pings Redis through its own subscription; a worker whose listener has not
+# heard a pong for PONG_LIMIT seconds is not ready.
+PING_EVERY = 2
+PONG_LIMIT = 5
 
 
 class ChatRedisManager(socketio.RedisManager):
     """RedisManager that tracks the last stored message delivered per room and fills gaps."""
 
-    def __init__(self, url, channel, store):
+    def __init__(self, url, channel, store, metrics):
         super().__init__(url, channel=channel)
         self.store = store
+        self.metrics = metrics
         self.last_delivered = {}
+        self.last_pong = None
+        self.subscriptions = 0
+
+    def initialize(self):
+        super().initialize()
+        gevent.spawn(self._ping_forever)
+
+    def listening(self):
+        """Whether the pub/sub listener has heard from Redis lately."""
+        return self.last_pong is not None and time.monotonic() - self.last_pong < PONG_LIMIT
+
+    def _ping_forever(self):
+        while True:
+            gevent.sleep(PING_EVERY)
+            try:
+                self.pubsub.ping()
+            except Exception:
+                pass  # the listener reconnects; until then no pong arrives
 
     def _redis_connect(self):
         super()._redis_connect()
@@ -34,13 +59,21 @@ class ChatRedisManager(socketio.RedisManager):
         channel = self.channel.encode()
         for message in self._redis_listen_with_retries():
             if message["type"] == "subscribe":
+                self.last_pong = time.monotonic()
+                self.subscriptions += 1
+                if self.subscriptions > 1:
+                    self.metrics.resubscribes.inc()
                 self._replay_missed()
+            elif message["type"] == "pong":
+                self.last_pong = time.monotonic()
             elif message["type"] == "message" and message["channel"] == channel:
                 yield message["data"]
 
     def _handle_emit(self, message):
-        if message.get("host_id") == STORE_HOST_ID and not self._first_delivery(message):
-            return
+        if message.get("host_id") == STORE_HOST_ID:
+            if not self._first_delivery(message):
+                return
+            self.metrics.deliveries.inc(len(self.rooms["/"][message["room"]]))
         super()._handle_emit(message)
 
     def remember_delivered(self, room, message_id):

@@ -168,17 +168,18 @@ class Presence:
                             client=pipe)
         return {room: gone for room, gone in zip(by_room, pipe.execute()) if gone}
 
-    def start_heartbeat(self, on_gone):
-        """Refresh presence every third of its lifetime in a background greenlet, once."""
-        if self._heartbeat_task is None:
-            self._heartbeat_task = gevent.spawn(self._heartbeat_forever, on_gone)
+    def start_heartbeat(self, on_beat):
+        """Refresh presence every third of its lifetime in a background greenlet, once.
 
-    def _heartbeat_forever(self, on_gone):
+        `on_beat` receives {room: users gone} after each refresh.
+        """
+        if self._heartbeat_task is None:
+            self._heartbeat_task = gevent.spawn(self._heartbeat_forever, on_beat)
+
+    def _heartbeat_forever(self, on_beat):
         while True:
             gevent.sleep(self.ttl_ms / 3000)
             try:
-                for room, users in self.heartbeat().items():
-                    for user in users:
-                        on_gone(room, user)
+                on_beat(self.heartbeat())
             except Exception:
                 log.exception("presence heartbeat failed; retrying")

@@ -6,6 +6,7 @@ from flask import current_app
 
 from .auth import Tokens
 from .keys import Keys
+from .metrics import WorkerMetrics
 from .presence import Presence
 from .store import MessageStore
 
@@ -19,6 +20,7 @@ class Services:
     tokens: Tokens
     store: MessageStore
     presence: Presence
+    metrics: WorkerMetrics
     draining: bool = False
 
     @classmethod
@@ -31,7 +33,8 @@ class Services:
         return cls(config=config, redis=client,
                    tokens=Tokens(config.secret_key, config.token_ttl),
                    store=MessageStore(client, keys, config),
-                   presence=Presence(client, keys, config.presence_ttl))
+                   presence=Presence(client, keys, config.presence_ttl),
+                   metrics=WorkerMetrics(config.worker_id))
 
 
 def get_services():

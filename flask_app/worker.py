@@ -3,6 +3,8 @@ import argparse
 import logging
 import signal
 
+from . import logs, metrics
+
 from gevent.event import Event
 from gevent import monkey, signal_handler
 from gevent.pywsgi import WSGIServer
@@ -22,15 +24,15 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
-def run(application, config, drain, argv=None):
+def run(application, config, start, drain, argv=None):
     """Serve `application` until SIGTERM or SIGINT, then stop gracefully.
 
-    On a signal it stops accepting connections, calls `drain` (clients are sent to
-    reconnect elsewhere, running handlers finish), then closes what is left.
+    `start` starts the background work once listening. On a signal it stops accepting
+    connections, calls `drain` (clients are sent to reconnect elsewhere, running handlers
+    finish), then closes what is left.
     """
     args = parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.configure(config.worker_id, args.log_level)
     if not monkey.is_module_patched("socket"):
         raise SystemExit("scalechat-worker: sockets are not monkey-patched; "
                          "start it through wsgi.py (the scalechat-worker script)")
@@ -40,7 +42,8 @@ def run(application, config, drain, argv=None):
         server.start()
     except OSError as exc:
         raise SystemExit(f"scalechat-worker: cannot listen on {args.host}:{args.port}: {exc}")
-    logging.getLogger("geventwebsocket.handler").setLevel(logging.WARNING)
+    metrics.forget_dead_workers()
+    start()
     log.info("worker %s listening on http://%s:%d", config.worker_id, args.host, server.server_port)
     stop = Event()
     for signum in (signal.SIGTERM, signal.SIGINT):

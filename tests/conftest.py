@@ -111,7 +111,7 @@ class Worker:
             return False
 
     def _answers(self):
-        return self._listening() and requests.get(self.url + "/healthz", timeout=2).ok
+        return self._listening() and requests.get(self.url + "/readyz", timeout=2).ok
 
     def stop(self, sig=signal.SIGTERM):
         stop_process(self.proc, sig)

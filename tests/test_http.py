@@ -36,10 +36,11 @@ def test_every_response_names_its_worker(workers):
             assert response.headers["X-Scalechat-Worker"] == worker.worker_id, path
 
 
-def test_healthz_reports_redis(workers, worker_factory):
-    assert requests.get(workers[0].url + "/healthz", timeout=5).json()["status"] == "ok"
+def test_a_worker_without_redis_is_alive_but_not_ready(workers, worker_factory):
+    assert requests.get(workers[0].url + "/readyz", timeout=5).json()["status"] == "ok"
     cut_off = worker_factory("cut-off", redis_url="redis://127.0.0.1:1/0", wait_healthy=False)
-    response = requests.get(cut_off.url + "/healthz", timeout=10)
+    assert requests.get(cut_off.url + "/healthz", timeout=10).status_code == 200
+    response = requests.get(cut_off.url + "/readyz", timeout=10)
     assert response.status_code == 503
     assert response.json()["status"] == "unavailable" and "redis" in response.json()["reason"]
 

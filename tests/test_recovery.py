@@ -80,25 +80,30 @@ def test_a_redis_restart_loses_nothing_and_needs_no_reconnect(own_redis, worker_
     before = alice.send(room, "before the outage")["id"]
 
     own_redis.stop()
-    health = requests.get(w1.url + "/healthz", timeout=10)
+    health = requests.get(w1.url + "/readyz", timeout=10)
     assert health.status_code == 503 and "redis" in health.json()["reason"]
     refused = alice.send(room, "during the outage", client_id="outage-msg")
     assert refused == {"ok": False, "error": "unavailable", "detail": refused["detail"]}
 
+    # the listeners retry after 1 s, then 2 s more: Redis is back in between, so they
+    # re-subscribe only after the next sends are stored, and must catch up from the stream
+    time.sleep(1.5)
     start_persistent(own_redis)
-    wait_until(lambda: requests.get(w1.url + "/healthz", timeout=5).ok, timeout=20,
-               what="the worker to reach Redis again")
-    # sent as soon as Redis is back: the workers' listeners may still be reconnecting,
-    # and catch up from the stream once they are
-    during = alice.send(room, "during the outage", client_id="outage-msg")
+    during = wait_until(lambda: (ack := alice.send(room, "during the outage",
+                                                   client_id="outage-msg"))["ok"] and ack,
+                        what="a send to succeed again")
     after = bob.send(room, "after the outage")
-    assert during["ok"] and after["ok"]
+    assert after["ok"]
+    wait_until(lambda: requests.get(w1.url + "/readyz", timeout=5).ok, timeout=20,
+               what="the worker to be ready again")
     expected = [before, during["id"], after["id"]]
     for client in (alice, bob):
         got = client.wait_for("message", lambda got: len(got) >= 3, timeout=90)
         assert [m["id"] for m in got] == expected
     assert [m["id"] for m in bob.call("history", {"room": room})["messages"]] == expected
     assert alice.sio.connected and bob.sio.connected
+    replays = [w.log_path.read_text().count("missed while unsubscribed") for w in (w1, w2)]
+    assert sum(replays) >= 1, "the listeners re-subscribed before the sends: nothing replayed"
 
 
 def test_sigterm_moves_clients_off_and_exits_promptly(worker_factory, clients, room):

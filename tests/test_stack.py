@@ -219,10 +219,14 @@ def test_a_browser_page_misses_nothing_across_a_rolling_restart(stack, chromium,
         sent.append(bob.send_reliably(room, f"message {len(sent)}"))
         time.sleep(0.05)
     restarting.join()
-    page.wait_for_function(f"document.querySelectorAll('#messages li').length >= {len(sent)}",
-                           timeout=30_000)
-    shown = page.eval_on_selector_all("#messages li", "items => items.map(i => i.dataset.id)")
+    page.wait_for_function(
+        f"document.querySelectorAll('#messages li:not(.announcement)').length >= {len(sent)}",
+        timeout=30_000)
+    shown = page.eval_on_selector_all("#messages li:not(.announcement)",
+                                      "items => items.map(i => i.dataset.id)")
     assert shown == sent
+    # deploy/rolling-restart told everyone first
+    assert "Restarting for maintenance" in page.locator("#messages li.announcement").first.inner_text()
 
 
 def test_a_taken_port_stops_the_start_with_its_name(tmp_path):

@@ -122,6 +122,15 @@
     const timer = typists.get(msg.user);
     if (timer) { clearTimeout(timer); typists.delete(msg.user); showTyping(); }
   });
+  socket.on("announcement", (event) => {
+    if (event.room && event.room !== room) return;
+    const item = document.createElement("li");
+    item.className = "announcement";
+    item.dataset.id = lastId || "0-0";
+    item.textContent = "📣 " + event.text;
+    list.append(item);
+    list.scrollTop = list.scrollHeight;
+  });
   socket.on("presence", (event) => {
     if (event.room !== room) return;
     if (event.state === "join") online.add(event.user); else online.delete(event.user);

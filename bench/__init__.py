@@ -1,0 +1,1 @@
+"""scalechat's benchmark harness: run on demand with `python -m bench` (see docs/performance.md)."""

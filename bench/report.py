@@ -1,0 +1,218 @@
+"""Tables (Markdown, for the terminal and docs/performance.md) and the PNG plot of a run."""
+from .stats import median
+
+REFERENCE = "node"
+
+# (key, header, format, whether a ratio to node is shown)
+TRAFFIC_COLUMNS = [
+    ("deliveries_per_s", "deliveries/s", "{:,.0f}", True),
+    ("lost", "lost", "{:d}", False),
+    ("duplicated", "dup", "{:d}", False),
+    ("lat_p50_ms", "p50 ms", "{:.1f}", True),
+    ("lat_p99_ms", "p99 ms", "{:.1f}", True),
+    ("lat_max_ms", "max ms", "{:.0f}", False),
+    ("ack_p50_ms", "ack p50 ms", "{:.1f}", True),
+    ("cpu_us_per_delivery", "CPU us/delivery", "{:.1f}", True),
+    ("connect_per_s", "connects/s", "{:,.0f}", True),
+    ("gen_cpu_max", "gen CPU", "{:.2f}", False),
+]
+IDLE_COLUMNS = [
+    ("connected", "connected", "{:,.0f}", False),
+    ("open_after_hold", "open after hold", "{:,.0f}", False),
+    ("kb_per_conn_w0", "KB/conn w0", "{:.1f}", True),
+    ("kb_per_conn_w1", "KB/conn w1", "{:.1f}", True),
+    ("redis_kb_per_conn", "Redis KB/conn", "{:.2f}", False),
+    ("server_cpu_cores", "server CPU cores", "{:.3f}", True),
+    ("connect_per_s", "connects/s", "{:,.0f}", True),
+    ("connect_failed", "failed", "{:,.0f}", False),
+]
+CONNECT_COLUMNS = [
+    ("connected", "connected", "{:,.0f}", False),
+    ("connect_per_s", "connects/s", "{:,.0f}", True),
+    ("connect_p50_ms", "p50 ms", "{:.1f}", True),
+    ("connect_p99_ms", "p99 ms", "{:.1f}", True),
+    ("connect_failed", "failed", "{:,.0f}", False),
+]
+SUMMED = {"lost", "duplicated", "connect_failed"}
+
+
+def _flat(run):
+    """Per-run values the tables use, derived from the nested figures."""
+    row = dict(run)
+    for worker, kb in (run.get("kb_per_conn") or {}).items():
+        row[f"kb_per_conn_{worker}"] = kb
+    gen = run.get("gen_cpu_cores")
+    row["gen_cpu_max"] = max(gen) if gen else None
+    return row
+
+
+def summarize(runs):
+    """{scenario: {server: {key: median over repeats (sum for losses), "repeats": n}}}."""
+    grouped = {}
+    for run in runs:
+        if "error" in run:
+            continue
+        grouped.setdefault(run["scenario"], {}).setdefault(run["server"], []).append(_flat(run))
+    summary = {}
+    for scenario, by_server in grouped.items():
+        summary[scenario] = {}
+        for server, rows in by_server.items():
+            keys = {k for r in rows for k, v in r.items() if isinstance(v, (int, float))}
+            agg = {}
+            for k in keys:
+                values = [r.get(k) for r in rows]
+                if k in SUMMED:
+                    agg[k] = sum(v or 0 for v in values)
+                else:
+                    agg[k] = median(values)
+            agg["repeats"] = len(rows)
+            summary[scenario][server] = agg
+    return summary
+
+
+def _columns(kind):
+    return {"traffic": TRAFFIC_COLUMNS, "idle": IDLE_COLUMNS}.get(kind, CONNECT_COLUMNS)
+
+
+def _cell(value, fmt, ratio):
+    if value is None:
+        return "-"
+    try:
+        text = fmt.format(int(value) if fmt.endswith("d}") else value)
+    except (ValueError, TypeError):
+        text = str(value)
+    if ratio is not None:
+        text += f" ({ratio:.2f}x)"
+    return text
+
+
+def tables(summary, scenarios, servers):
+    """Markdown tables, one per scenario; ratios are to node's median."""
+    lines = []
+    for name, sc in scenarios.items():
+        if name not in summary:
+            continue
+        by_server = summary[name]
+        cols = _columns(sc.kind)
+        lines.append(f"#### {name}: {sc.describe()}")
+        lines.append("")
+        lines.append("| server | " + " | ".join(c[1] for c in cols) + " |")
+        lines.append("|---" * (len(cols) + 1) + "|")
+        ref = by_server.get(REFERENCE, {})
+        for server in servers:
+            if server not in by_server:
+                continue
+            agg = by_server[server]
+            cells = []
+            for key, _header, fmt, with_ratio in cols:
+                value = agg.get(key)
+                ratio = None
+                if with_ratio and server != REFERENCE and value is not None and ref.get(key):
+                    ratio = value / ref[key]
+                cells.append(_cell(value, fmt, ratio))
+            lines.append(f"| {server} (n={agg['repeats']}) | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def failures(runs):
+    lines = []
+    for run in runs:
+        if "error" in run:
+            lines.append(f"- {run['scenario']} / {run['server']} #{run['repeat']}: {run['error']}")
+        else:
+            if run.get("connect_failed"):
+                reasons = "; ".join(f"{n}x {r}" for r, n in run.get("connect_errors", {}).items())
+                lines.append(f"- {run['scenario']} / {run['server']} #{run['repeat']}: "
+                             f"{run['connect_failed']} connections failed ({reasons})")
+            for key in ("lost", "duplicated", "unexpected", "unacked", "skipped", "dropped"):
+                if run.get(key):
+                    lines.append(f"- {run['scenario']} / {run['server']} #{run['repeat']}: "
+                                 f"{key} = {run[key]}")
+            if run.get("send_errors"):
+                lines.append(f"- {run['scenario']} / {run['server']} #{run['repeat']}: "
+                             f"send errors {run['send_errors']}")
+    return "\n".join(lines)
+
+
+def plot(summary, runs, scenarios, servers, path):
+    """Throughput, latency percentiles, CPU per delivery and memory per connection."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colors = {"scalechat": "#d95f02", "node": "#1b9e77", "python_stock": "#7570b3"}
+    traffic = [n for n, sc in scenarios.items() if sc.kind == "traffic" and n in summary]
+    idle = [n for n, sc in scenarios.items() if sc.kind == "idle" and n in summary]
+    fig, axes = plt.subplots(2, 2, figsize=(13, 9))
+    width = 0.8 / max(1, len(servers))
+
+    def bars(ax, names, key, title, ylabel, log=False):
+        for i, server in enumerate(servers):
+            xs, ys = [], []
+            for j, name in enumerate(names):
+                value = summary[name].get(server, {}).get(key)
+                if value is not None:
+                    xs.append(j + (i - (len(servers) - 1) / 2) * width)
+                    ys.append(value)
+            ax.bar(xs, ys, width, label=server, color=colors.get(server))
+            for run in runs:  # each repeat as a dot
+                if run.get("server") == server and run.get("scenario") in names and \
+                        _flat(run).get(key) is not None:
+                    j = names.index(run["scenario"])
+                    ax.plot(j + (i - (len(servers) - 1) / 2) * width, _flat(run)[key], "k.",
+                            markersize=3)
+        ax.set_xticks(range(len(names)))
+        ax.set_xticklabels(names)
+        ax.set_title(title)
+        ax.set_ylabel(ylabel)
+        if log:
+            ax.set_yscale("log")
+        ax.legend(fontsize=8)
+
+    bars(axes[0][0], traffic, "deliveries_per_s", "Deliveries per second (higher is better)",
+         "deliveries/s")
+    ax = axes[0][1]
+    pct = [("lat_p50_ms", "p50", 1.0), ("lat_p99_ms", "p99", 0.55), ("lat_max_ms", "max", 0.25)]
+    slot = 0.8 / max(1, len(servers) * len(pct))
+    for i, server in enumerate(servers):
+        for k, (key, label, alpha) in enumerate(pct):
+            xs, ys = [], []
+            for j, name in enumerate(traffic):
+                value = summary[name].get(server, {}).get(key)
+                if value:
+                    xs.append(j - 0.4 + (i * len(pct) + k + 0.5) * slot)
+                    ys.append(value)
+            ax.bar(xs, ys, slot, color=colors.get(server), alpha=alpha,
+                   label=f"{server} {label}")
+    ax.set_xticks(range(len(traffic)))
+    ax.set_xticklabels(traffic)
+    ax.set_yscale("log")
+    ax.set_title("Delivery latency p50 / p99 / max (lower is better)")
+    ax.set_ylabel("ms (log scale)")
+    ax.legend(fontsize=7, ncol=len(servers))
+    bars(axes[1][0], traffic, "cpu_us_per_delivery",
+         "Server + Redis CPU per delivery (lower is better)", "CPU us / delivery")
+    if idle:
+        ax = axes[1][1]
+        for i, server in enumerate(servers):
+            xs, ys = [], []
+            for j, name in enumerate(idle):
+                agg = summary[name].get(server, {})
+                kbs = [agg.get("kb_per_conn_w0"), agg.get("kb_per_conn_w1")]
+                kbs = [k for k in kbs if k is not None]
+                if kbs:
+                    xs.append(j + (i - (len(servers) - 1) / 2) * width)
+                    ys.append(sum(kbs) / len(kbs))
+            ax.bar(xs, ys, width, label=server, color=colors.get(server))
+        ax.set_xticks(range(len(idle)))
+        ax.set_xticklabels(idle)
+        ax.set_title("Worker memory per idle connection (lower is better)")
+        ax.set_ylabel("KB / connection (RSS)")
+        ax.legend(fontsize=8)
+    else:
+        axes[1][1].axis("off")
+    fig.suptitle("scalechat vs reference servers (medians; dots are single runs)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

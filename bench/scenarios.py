@@ -1,0 +1,265 @@
+"""The scenarios: who connects where, who sends what, what is measured.
+
+Each run gets a fresh stack (Redis and two workers) and fresh generator processes, so
+no run inherits another's memory, rooms or connections.
+"""
+import dataclasses
+import time
+
+from . import servers, stats
+from .driver import Gen, ask_all
+
+
+@dataclasses.dataclass(frozen=True)
+class Scenario:
+    name: str
+    kind: str                 # "traffic", "idle" or "connect"
+    clients: int
+    room_size: int            # clients per room; clients are spread over both workers
+    title: str = ""
+    senders: str = "none"     # "none", "first:N" (clients 0..N-1), or "all"
+    mode: str = "window"      # "window": N unacked in flight; "rate": messages per second
+    window: int = 20
+    rate: float = 0.0         # per sender, in rate mode
+    duration: float = 20.0    # measured window, seconds
+    warmup: float = 2.0       # sending before the measured window
+    hold: float = 60.0        # idle: seconds the connections are held
+    gens: int = 2             # generator processes
+    concurrency: int = 64     # connection attempts in flight, over all generators
+    max_in_flight: int = 50   # rate mode: a sender with this many unacked skips a beat
+
+    def describe(self):
+        rooms = -(-self.clients // self.room_size)
+        what = f"{self.clients} clients in {rooms} room{'s' if rooms > 1 else ''}"
+        if self.kind == "traffic":
+            count = self.clients if self.senders == "all" else int(self.senders.split(":")[1])
+            how = (f"{self.window} unacked in flight each" if self.mode == "window"
+                   else f"{self.rate:g} msg/s each")
+            return f"{what}, {count} sender{'s' if count > 1 else ''} ({how}), {self.duration:g} s"
+        if self.kind == "idle":
+            return f"{what}, held {self.hold:g} s with heartbeats"
+        return f"{what}: POST /api/session, connect, join; {self.concurrency} at a time"
+
+
+FULL = {
+    "connect": Scenario("connect", "connect", clients=2000, room_size=10,
+                        title="connect rate"),
+    "fanout": Scenario("fanout", "traffic", clients=200, room_size=200, senders="first:2",
+                       mode="window", window=20, duration=20, title="fan-out"),
+    "latency": Scenario("latency", "traffic", clients=200, room_size=200, senders="first:1",
+                        mode="rate", rate=20, duration=20, title="latency at 20 msg/s"),
+    "idle10k": Scenario("idle10k", "idle", clients=10000, room_size=20, hold=60, gens=2,
+                        title="10,000 idle connections"),
+    "idle20k": Scenario("idle20k", "idle", clients=20000, room_size=20, hold=60, gens=4,
+                        title="20,000 idle connections"),
+    "rooms": Scenario("rooms", "traffic", clients=2000, room_size=10, senders="all",
+                      mode="rate", rate=0.5, duration=20, title="many rooms"),
+}
+
+QUICK = {
+    "connect": dataclasses.replace(FULL["connect"], clients=200),
+    "fanout": dataclasses.replace(FULL["fanout"], clients=50, duration=2, warmup=0.5),
+    "latency": dataclasses.replace(FULL["latency"], clients=50, duration=2, warmup=0.5),
+    "idle10k": dataclasses.replace(FULL["idle10k"], clients=500, hold=2),
+    "idle20k": dataclasses.replace(FULL["idle20k"], clients=1000, hold=2),
+    "rooms": dataclasses.replace(FULL["rooms"], clients=200, rate=2, duration=2, warmup=0.5),
+}
+
+DEFAULT = ("connect", "fanout", "latency", "idle10k", "idle20k", "rooms")
+QUICK_DEFAULT = ("connect", "fanout", "latency", "idle10k", "rooms")
+
+
+def room_of(sc, idx):
+    return f"{sc.name}-{idx // sc.room_size}"
+
+
+def gen_of(sc, idx):
+    # consecutive pairs go to both workers; pairs rotate over the generators
+    return (idx // 2) % sc.gens
+
+
+def sender_indexes(sc):
+    if sc.senders == "all":
+        return list(range(sc.clients))
+    if sc.senders.startswith("first:"):
+        return list(range(int(sc.senders.split(":")[1])))
+    return []
+
+
+def execute(sc, stack, logdir, progress=None):
+    """Run one scenario against a started stack; return its figures."""
+    gens = [Gen(i, logdir / f"gen{i}.log") for i in range(sc.gens)]
+    try:
+        result = {"scenario": sc.name, "server": stack.server, "clients": sc.clients,
+                  "config": dataclasses.asdict(sc)}
+        rss_before = stack.rss()
+        result.update(_connect(sc, stack, gens))
+        result["rss_kb_before"] = rss_before
+        if sc.kind == "traffic":
+            result.update(_traffic(sc, stack, gens))
+        elif sc.kind == "idle":
+            result.update(_idle(sc, stack, gens, progress))
+        rss_after = result.get("rss_kb_after") or stack.rss()
+        result["rss_kb_after"] = rss_after
+        per_worker = result.pop("_by_worker")
+        result["kb_per_conn"] = {
+            w: round((rss_after[w] - rss_before[w]) / n, 2) if n else None
+            for w, n in per_worker.items()}
+        result["connections_by_worker"] = per_worker
+        conns = sum(per_worker.values())
+        result["redis_kb_per_conn"] = (round((rss_after["redis"] - rss_before["redis"]) / conns, 2)
+                                       if conns else None)
+        stack.check_alive()
+        return result
+    finally:
+        for gen in gens:
+            gen.close()
+
+
+def _connect(sc, stack, gens):
+    plans = [[] for _ in gens]
+    for idx in range(sc.clients):
+        plans[gen_of(sc, idx)].append({"idx": idx, "port": stack.ports[idx % 2],
+                                       "name": f"u{idx}", "rooms": [room_of(sc, idx)]})
+    per_gen = max(1, sc.concurrency // len(gens))
+    answers = ask_all(gens, [{"op": "connect", "clients": plan, "concurrency": per_gen,
+                              "timeout": 60} for plan in plans],
+                      timeout=120 + sc.clients / 20)
+    connected = sum(a["connected"] for a in answers)
+    start = min(a["start"] for a in answers)
+    end = max(a["end"] for a in answers)
+    times = sorted(t for a in answers for t in a["times"])
+    errors = {}
+    for a in answers:
+        for reason, n in a["errors"].items():
+            errors[reason] = errors.get(reason, 0) + n
+    by_port = {}
+    for a in answers:
+        for port, n in a["by_port"].items():
+            by_port[int(port)] = by_port.get(int(port), 0) + n
+    return {
+        "connected": connected,
+        "connect_failed": sc.clients - connected,
+        "connect_errors": errors,
+        "connect_per_s": round(connected / (end - start), 1) if end > start else None,
+        "connect_p50_ms": _ms(stats.quantile_list(times, 50)),
+        "connect_p99_ms": _ms(stats.quantile_list(times, 99)),
+        "_by_worker": {f"w{i}": by_port.get(port, 0) for i, port in enumerate(stack.ports)},
+    }
+
+
+def _ms(seconds):
+    return None if seconds is None else round(seconds * 1000.0, 2)
+
+
+def _cpu(stack, gens):
+    return stack.cpu(), [servers.cpu_seconds(g.pid) for g in gens]
+
+
+def _traffic(sc, stack, gens):
+    senders = sender_indexes(sc)
+    start = time.time() + 0.5
+    t0 = start + sc.warmup
+    t1 = t0 + sc.duration
+    cmds = []
+    for i in range(len(gens)):
+        mine = [{"idx": idx, "room": room_of(sc, idx)} for idx in senders if gen_of(sc, idx) == i]
+        cmds.append({"op": "run", "start": start, "t0": t0, "t1": t1, "mode": sc.mode,
+                     "window": sc.window, "rate": sc.rate, "max_in_flight": sc.max_in_flight,
+                     "senders": mine, "ack_timeout": 30})
+    for gen, cmd in zip(gens, cmds):
+        gen.send(cmd)
+    _sleep_until(t0)
+    cpu0, gcpu0 = _cpu(stack, gens)
+    _sleep_until(t1)
+    cpu1, gcpu1 = _cpu(stack, gens)
+    rss_after = stack.rss()
+    runs = [gen.recv(timeout=90) for gen in gens]
+
+    acked = {}
+    for r in runs:
+        for room, ids in r["acked"].items():
+            acked.setdefault(room, []).extend(ids)
+    rooms_of_gen = [set() for _ in gens]
+    for idx in range(sc.clients):
+        rooms_of_gen[gen_of(sc, idx)].add(room_of(sc, idx))
+    verifies = ask_all(gens, [{"op": "verify", "timeout": 60,
+                               "expected": {room: acked.get(room, []) for room in rooms}}
+                              for rooms in rooms_of_gen], timeout=120)
+
+    window_deliveries = sum(r["window_deliveries"] for r in runs)
+    server_cpu = sum(cpu1[n] - cpu0[n] for n in cpu1)
+    lat = stats.merge_hists(v["lat_hist"] for v in verifies)
+    ack = stats.merge_hists(r["ack_hist"] for r in runs)
+    send_errors = {}
+    for r in runs:
+        for code, n in r["send_errors"].items():
+            send_errors[code] = send_errors.get(code, 0) + n
+    return {
+        "duration_s": sc.duration,
+        "sent": sum(r["sent"] for r in runs),
+        "acked": sum(len(ids) for ids in acked.values()),
+        "unacked": sum(r["unacked"] for r in runs),
+        "skipped": sum(r["skipped"] for r in runs),
+        "send_errors": send_errors,
+        "deliveries_window": window_deliveries,
+        "deliveries_total": sum(v["deliveries"] for v in verifies),
+        "deliveries_per_s": round(window_deliveries / sc.duration, 1),
+        "lost": sum(v["lost"] for v in verifies),
+        "duplicated": sum(v["duplicated"] for v in verifies),
+        "unexpected": sum(v["unexpected"] for v in verifies),
+        "closed_clients": sum(v["closed"] for v in verifies),
+        "drain_wait_s": round(max(v["drain_wait"] for v in verifies), 2),
+        "lat_p50_ms": _round(stats.percentile_ms(lat, 50)),
+        "lat_p99_ms": _round(stats.percentile_ms(lat, 99)),
+        "lat_max_ms": _round(lat["max"] / 1000.0) if lat["count"] else None,
+        "lat_samples": lat["count"],
+        "ack_p50_ms": _round(stats.percentile_ms(ack, 50)),
+        "ack_p99_ms": _round(stats.percentile_ms(ack, 99)),
+        "cpu_us_per_delivery": (round(server_cpu * 1e6 / window_deliveries, 2)
+                                if window_deliveries else None),
+        "server_cpu_cores": round(server_cpu / sc.duration, 3),
+        "cpu_s_by_process": {n: round(cpu1[n] - cpu0[n], 3) for n in cpu1},
+        "gen_cpu_cores": [round((b - a) / sc.duration, 3) for a, b in zip(gcpu0, gcpu1)],
+        "rss_kb_after": rss_after,
+    }
+
+
+def _idle(sc, stack, gens, progress=None):
+    began = time.time()
+    cpu0, gcpu0 = _cpu(stack, gens)
+    peak = stack.rss()
+    end = began + sc.hold
+    while time.time() < end:
+        time.sleep(min(5.0, max(0.0, end - time.time())))
+        stack.check_alive()
+        now = stack.rss()
+        peak = {n: max(peak[n], now[n]) for n in now}
+        if progress is not None:
+            progress(f"holding {time.time() - began:.0f}/{sc.hold:g}s")
+    held = time.time() - began
+    cpu1, gcpu1 = _cpu(stack, gens)
+    rss_after = stack.rss()
+    status = ask_all(gens, [{"op": "status"}] * len(gens), timeout=30)
+    server_cpu = sum(cpu1[n] - cpu0[n] for n in cpu1)
+    return {
+        "hold_s": round(held, 1),
+        "open_after_hold": sum(s["open"] for s in status),
+        "dropped": sum(s["dropped"] for s in status),
+        "pings_answered": sum(s["pings"] for s in status),
+        "server_cpu_cores": round(server_cpu / held, 3),
+        "cpu_s_by_process": {n: round(cpu1[n] - cpu0[n], 3) for n in cpu1},
+        "gen_cpu_cores": [round((b - a) / held, 3) for a, b in zip(gcpu0, gcpu1)],
+        "rss_kb_after": rss_after,
+        "rss_kb_peak": peak,
+    }
+
+
+def _round(value, digits=2):
+    return None if value is None else round(value, digits)
+
+
+def _sleep_until(t):
+    delay = t - time.time()
+    if delay > 0:
+        time.sleep(delay)

@@ -1,0 +1,30 @@
+"""Structured logs: one JSON object per line on stdout, each naming the worker."""
+import logging
+import sys
+
+from pythonjsonlogger.json import JsonFormatter
+
+
+class WorkerFilter(logging.Filter):
+    """Stamp every record with the worker's id."""
+
+    def __init__(self, worker_id):
+        super().__init__()
+        self.worker_id = worker_id
+
+    def filter(self, record):
+        record.worker = self.worker_id
+        return True
+
+
+def configure(worker_id, level="INFO"):
+    """Send every log record to stdout as a JSON line (supervisord rotates the files)."""
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(JsonFormatter(
+        "%(asctime)s %(levelname)s %(name)s %(message)s %(worker)s",
+        rename_fields={"asctime": "ts", "levelname": "level", "name": "logger"}))
+    handler.addFilter(WorkerFilter(worker_id))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    logging.getLogger("geventwebsocket.handler").setLevel(logging.WARNING)

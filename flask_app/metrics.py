@@ -1,0 +1,99 @@
+"""Prometheus metrics of a worker.
+
+With PROMETHEUS_MULTIPROC_DIR set (deploy/configure sets it to var/metrics), every worker
+writes its samples there and one scrape of /metrics on any worker covers the whole host.
+Gauges count only live workers: a restarted worker removes the files of dead ones.
+"""
+import glob
+import os
+import re
+
+from prometheus_client import (CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Counter,
+                               Gauge, Histogram, generate_latest, multiprocess)
+
+CONNECTED = Gauge("scalechat_connected_clients", "Socket.IO connections open",
+                  ["worker"], multiprocess_mode="livesum")
+ROOMS = Gauge("scalechat_rooms", "Rooms with members connected to the worker",
+              ["worker"], multiprocess_mode="livesum")
+CONNECTS = Counter("scalechat_connects", "Socket.IO connections accepted", ["worker"])
+REFUSED = Counter("scalechat_connects_refused", "Socket.IO connections refused", ["worker"])
+JOINS = Counter("scalechat_joins", "Rooms joined", ["worker"])
+RECEIVED = Counter("scalechat_messages_received", "message events received from clients",
+                   ["worker"])
+STORED = Counter("scalechat_messages_stored",
+                 "Messages stored and broadcast to their room (retries not counted)", ["worker"])
+DELIVERIES = Counter("scalechat_deliveries", "Messages delivered to connections", ["worker"])
+ERROR_ACKS = Counter("scalechat_error_acks", "Events answered with an error, by code",
+                     ["worker", "error"])
+RATE_LIMIT_DISCONNECTS = Counter("scalechat_rate_limit_disconnects",
+                                 "Connections closed for exceeding the rate limit", ["worker"])
+RESUBSCRIBES = Counter("scalechat_pubsub_resubscribes",
+                       "Times the pub/sub listener subscribed again after losing Redis",
+                       ["worker"])
+HANDLER_SECONDS = Histogram("scalechat_handler_seconds", "Time to handle a client event",
+                            ["event"], buckets=(.0005, .001, .0025, .005, .01, .025, .05, .1,
+                                                .25, .5, 1, 2.5))
+REDIS_SECONDS = Histogram("scalechat_redis_seconds", "Redis round trips by operation",
+                          ["operation"], buckets=(.0002, .0005, .001, .0025, .005, .01, .025,
+                                                  .05, .1, .25, 1))
+
+
+class WorkerMetrics:
+    """The metrics above, bound to this worker's label once rather than on every event."""
+
+    def __init__(self, worker_id):
+        self.worker_id = worker_id
+        for name, metric in (("connected", CONNECTED), ("rooms", ROOMS), ("connects", CONNECTS),
+                             ("refused", REFUSED), ("joins", JOINS), ("received", RECEIVED),
+                             ("stored", STORED), ("deliveries", DELIVERIES),
+                             ("rate_limit_disconnects", RATE_LIMIT_DISCONNECTS),
+                             ("resubscribes", RESUBSCRIBES)):
+            setattr(self, name, metric.labels(worker_id))
+        self._errors = {}
+        self._handlers = {}
+        self._redis = {}
+
+    def error_ack(self, code):
+        counter = self._errors.get(code)
+        if counter is None:
+            counter = self._errors[code] = ERROR_ACKS.labels(self.worker_id, code)
+        counter.inc()
+
+    def handler_seconds(self, event):
+        histogram = self._handlers.get(event)
+        if histogram is None:
+            histogram = self._handlers[event] = HANDLER_SECONDS.labels(event)
+        return histogram
+
+    def redis_timer(self, operation):
+        """Time a Redis round trip: `with metrics.redis_timer("append"): ...`."""
+        histogram = self._redis.get(operation)
+        if histogram is None:
+            histogram = self._redis[operation] = REDIS_SECONDS.labels(operation)
+        return histogram.time()
+
+
+def multiprocess_dir():
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+
+
+def forget_dead_workers():
+    """Remove the live-gauge files of worker processes that no longer exist."""
+    directory = multiprocess_dir()
+    if not directory:
+        return
+    os.makedirs(directory, exist_ok=True)
+    for path in glob.glob(os.path.join(directory, "gauge_live*_*.db")):
+        pid = int(re.search(r"_(\d+)\.db$", path).group(1))
+        if not os.path.exists(f"/proc/{pid}"):
+            multiprocess.mark_process_dead(pid, directory)
+
+
+def exposition():
+    """Return (body, content type) of a scrape: every worker's samples in multiprocess mode."""
+    if multiprocess_dir():
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+    else:
+        registry = REGISTRY
+    return generate_latest(registry), CONTENT_TYPE_LATEST
