@@ -171,7 +171,7 @@ def plot(summary, runs, scenarios, servers, path):
         ax.legend(fontsize=8)
 
     bars(axes[0][0], traffic, "deliveries_per_s", "Deliveries per second (higher is better)",
-         "deliveries/s")
+         "deliveries/s (log scale)", log=True)
     ax = axes[0][1]
     pct = [("lat_p50_ms", "p50", 1.0), ("lat_p99_ms", "p99", 0.55), ("lat_max_ms", "max", 0.25)]
     slot = 0.8 / max(1, len(servers) * len(pct))
