@@ -5,6 +5,7 @@ import time
 
 import socketio
 
+from . import metrics
 from .config import Config, ConfigError
 from .validation import ValidationError, room as valid_room
 
@@ -14,6 +15,18 @@ def announce(config, room, text):
     emitter = socketio.RedisManager(config.redis_url, channel=config.channel, write_only=True)
     emitter.emit("announcement", {"room": room, "text": text, "ts": int(time.time() * 1000)},
                  room=room, namespace="/")
+
+
+def serve_metrics(host, port):
+    """Serve every worker's metrics from PROMETHEUS_MULTIPROC_DIR until stopped."""
+    if not metrics.multiprocess_dir():
+        sys.exit("scalechat: set PROMETHEUS_MULTIPROC_DIR to the workers' metrics directory")
+    server, thread = metrics.serve(host, port)
+    print(f"serving metrics on http://{host}:{port}/metrics", flush=True)
+    try:
+        thread.join()
+    except KeyboardInterrupt:
+        server.shutdown()
 
 
 def main(argv=None):
@@ -28,7 +41,15 @@ def main(argv=None):
     target.add_argument("--room", help="only the members of this room")
     target.add_argument("--all", action="store_true", help="every connected client")
     announce_parser.add_argument("text", help="the announcement")
+    metrics_parser = commands.add_parser(
+        "serve-metrics", help="serve the metrics of every worker of this host for Prometheus",
+        description="Serve /metrics for every worker writing to PROMETHEUS_MULTIPROC_DIR; "
+                    "it keeps answering while workers restart.")
+    metrics_parser.add_argument("--host", default="127.0.0.1")
+    metrics_parser.add_argument("--port", type=int, default=9105)
     args = parser.parse_args(argv)
+    if args.command == "serve-metrics":
+        return serve_metrics(args.host, args.port)
     try:
         config = Config.from_env()
         room = None if args.all else valid_room(args.room)

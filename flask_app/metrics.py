@@ -9,7 +9,8 @@ import os
 import re
 
 from prometheus_client import (CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Counter,
-                               Gauge, Histogram, generate_latest, multiprocess)
+                               Gauge, Histogram, generate_latest, multiprocess,
+                               start_http_server)
 
 CONNECTED = Gauge("scalechat_connected_clients", "Socket.IO connections open",
                   ["worker"], multiprocess_mode="livesum")
@@ -89,11 +90,19 @@ def forget_dead_workers():
             multiprocess.mark_process_dead(pid, directory)
 
 
+def _registry():
+    if not multiprocess_dir():
+        return REGISTRY
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry)
+    return registry
+
+
 def exposition():
     """Return (body, content type) of a scrape: every worker's samples in multiprocess mode."""
-    if multiprocess_dir():
-        registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry)
-    else:
-        registry = REGISTRY
-    return generate_latest(registry), CONTENT_TYPE_LATEST
+    return generate_latest(_registry()), CONTENT_TYPE_LATEST
+
+
+def serve(host, port):
+    """Serve the scrape over HTTP in a thread; return (server, thread)."""
+    return start_http_server(port, addr=host, registry=_registry())

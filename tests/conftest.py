@@ -82,8 +82,8 @@ class RedisServer:
 class Worker:
     """A `scalechat-worker` process on a free port."""
 
-    def __init__(self, redis_url, worker_id, log_dir, **env):
-        self.port = free_port()
+    def __init__(self, redis_url, worker_id, log_dir, port=None, **env):
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.worker_id = worker_id
         self.env = {**os.environ, "REDIS_URL": redis_url, "SECRET_KEY": SECRET_KEY,
@@ -129,7 +129,7 @@ class ChatClient:
     def __init__(self, name):
         self.name = name
         self.sio = socketio.Client(reconnection=False)
-        self.events = {"message": [], "presence": [], "typing": []}
+        self.events = {"message": [], "presence": [], "typing": [], "announcement": []}
         self.connect_error = None
         self._changed = threading.Condition()
         for event in self.events:
@@ -208,8 +208,8 @@ def worker_factory(redis_server, tmp_path):
     """Start extra workers for one test; they are stopped afterwards."""
     started = []
 
-    def start(worker_id, redis_url=None, wait_healthy=True, **env):
-        worker = Worker(redis_url or redis_server.url, worker_id, tmp_path, **env)
+    def start(worker_id, redis_url=None, wait_healthy=True, port=None, **env):
+        worker = Worker(redis_url or redis_server.url, worker_id, tmp_path, port=port, **env)
         started.append(worker)
         return worker.start(wait_healthy=wait_healthy)
     yield start

@@ -36,9 +36,11 @@ class Stack:
         self.var = var
         self.env = {key: value for key, value in os.environ.items()
                     if not key.startswith(("SCALECHAT_", "REDIS_")) and key not in (
-                        "WORKERS", "PORT", "SECRET_KEY", "PUBLIC_BIND", "STATS_PORT")}
+                        "WORKERS", "PORT", "SECRET_KEY", "PUBLIC_BIND", "STATS_PORT",
+                        "METRICS_PORT", "PROMETHEUS_MULTIPROC_DIR")}
         self.env.update(SCALECHAT_VAR=str(var), WORKERS=str(workers), PORT=str(free_port()),
                         STATS_PORT=str(free_port()), REDIS_PORT=str(free_port()),
+                        METRICS_PORT=str(free_port()),
                         WORKER_PORT_BASE=str(free_port_run(workers + 1)),
                         SCALECHAT_PRESENCE_TTL="5", SCALECHAT_RATE_LIMIT="200",
                         SCALECHAT_RATE_BURST="400")

@@ -15,10 +15,13 @@ from deployment import Stack, stream_ids
 
 def test_every_program_of_the_stack_is_running(stack):
     states = stack.states()
-    assert set(states) == {"redis", "haproxy", "worker-00", "worker-01"}
+    assert set(states) == {"redis", "haproxy", "metrics", "worker-00", "worker-01"}
     assert set(states.values()) == {"RUNNING"}
     status = stack.script("status")
     assert "worker-00 " in status.stdout and "UP" in status.stdout
+    assert "clients 0  messages stored" in status.stdout
+    exported = requests.get(f"http://127.0.0.1:{stack.env['METRICS_PORT']}/metrics", timeout=5).text
+    assert 'scalechat_connected_clients{worker="worker-01"} 0.0' in exported
 
 
 def test_polling_through_the_proxy_relies_on_the_sticky_cookie(stack, resuming, room):
