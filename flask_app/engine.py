@@ -1,4 +1,5 @@
-"""Our Socket.IO server: python-socketio's, on an Engine.IO server that refuses bad requests cleanly.
+"""Our Socket.IO server: python-socketio's, on an Engine.IO server that refuses bad requests
+cleanly and writes WebSocket frames in batches.
 
 python-engineio closes a session that sent a malformed polling packet by waiting for a poll
 to drain its queue, which may never come (the request then hangs), and answers 500 to a
@@ -7,9 +8,16 @@ request for a session that has just closed. Both are a client's fault and get a 
 import engineio
 import socketio
 
+from .transport import BatchingQueue, BatchingWebSocket
+
 
 class EngineServer(engineio.Server):
     """Engine.IO server whose refusals never hang and never answer 500."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        if self.async_mode == "gevent":
+            self._async = {**self._async, "queue": BatchingQueue, "websocket": BatchingWebSocket}
 
     def disconnect(self, sid=None):
         """Close sessions without waiting for a poll that may never come."""

@@ -102,7 +102,7 @@ class ChatNamespace(socketio.Namespace):
                                                         self.config.history_max_limit)
         self.server.manager.remember_delivered(room, history[-1]["id"] if history else since or "0-0")
         with self.metrics.redis_timer("presence"):
-            fresh, gone = self.presence.join(sid, room)
+            fresh, gone, members = self.presence.join(sid, room)
         self.store.touch_room(room, time.time())
         self.metrics.joins.inc()
         log.info("join", extra={"sid": sid, "user": conn.user, "room": room})
@@ -111,7 +111,7 @@ class ChatNamespace(socketio.Namespace):
             self.emit("presence", {"room": room, "user": conn.user, "state": "join"},
                       room=room, skip_sid=sid)
         return {"ok": True, "room": room, "history": history, "missed_more": missed_more,
-                "members": self.presence.members(room), "worker": self.config.worker_id}
+                "members": members, "worker": self.config.worker_id}
 
     @acknowledged
     def on_leave(self, sid, data):

@@ -46,7 +46,8 @@ local function purge(expiry, index, now)
 end
 """
 
-# KEYS: expiry, index. ARGV: user, sid, ttl_ms. Returns {fresh, gone...}.
+# KEYS: expiry, index. ARGV: user, sid, ttl_ms.
+# Returns {fresh, users gone, every connection now in the room}: one round trip per join.
 JOIN = _LIB + """
 local now = now_ms()
 local gone = purge(KEYS[1], KEYS[2], now)
@@ -54,8 +55,7 @@ local fresh = has_user(KEYS[2], ARGV[1]) and 0 or 1
 local member = ARGV[1] .. SEP .. ARGV[2]
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), member)
 redis.call('ZADD', KEYS[2], 0, member)
-table.insert(gone, 1, fresh)
-return gone
+return {fresh, gone, redis.call('ZRANGE', KEYS[2], 0, -1)}
 """
 
 # KEYS: expiry, index. ARGV: user, sid. Returns {absent, gone...}.
@@ -82,7 +82,7 @@ end
 return purge(KEYS[1], KEYS[2], now)
 """
 
-# KEYS: expiry, index. Returns every connection still alive.
+# KEYS: expiry, index. Returns every connection still alive (the lobby's counts).
 MEMBERS = _LIB + """
 purge(KEYS[1], KEYS[2], now_ms())
 return redis.call('ZRANGE', KEYS[2], 0, -1)
@@ -123,12 +123,13 @@ class Presence:
         return self.local.get(sid)
 
     def join(self, sid, room):
-        """Add a connection to a room; return (user was absent before, users gone)."""
+        """Add a connection to a room; return (user was absent before, users gone, members)."""
         conn = self.local[sid]
-        fresh, *gone = self._join(keys=self._room_keys(room),
-                                  args=[conn.user, sid, self.ttl_ms])
+        fresh, gone, connections = self._join(keys=self._room_keys(room),
+                                              args=[conn.user, sid, self.ttl_ms])
         conn.rooms.add(room)
-        return bool(fresh), [user for user in gone if user != conn.user]
+        return (bool(fresh), [user for user in gone if user != conn.user],
+                users_of(connections))
 
     def leave(self, sid, room):
         """Remove a connection from a room; return (user has left, users gone)."""
@@ -141,17 +142,12 @@ class Presence:
         """Forget a local connection once it has left its rooms."""
         self.local.pop(sid, None)
 
-    def members(self, room):
-        """Return the users online in the room on any worker, sorted."""
-        connections = self._members(keys=self._room_keys(room))
-        return sorted({member.split(SEPARATOR, 1)[0] for member in connections})
-
     def online_counts(self, rooms):
         """Return the number of users online in each of `rooms`."""
         pipe = self.redis.pipeline(transaction=False)
         for room in rooms:
             self._members(keys=self._room_keys(room), client=pipe)
-        return {room: len({member.split(SEPARATOR, 1)[0] for member in connections})
+        return {room: len(users_of(connections))
                 for room, connections in zip(rooms, pipe.execute())}
 
     def heartbeat(self):
@@ -183,3 +179,8 @@ class Presence:
                 on_beat(self.heartbeat())
             except Exception:
                 log.exception("presence heartbeat failed; retrying")
+
+
+def users_of(connections):
+    """Return the distinct users, sorted, of `user<US>sid` members."""
+    return sorted({member.split(SEPARATOR, 1)[0] for member in connections})
