@@ -13,16 +13,18 @@ TRAFFIC_COLUMNS = [
     ("lat_max_ms", "max ms", "{:.0f}", False),
     ("ack_p50_ms", "ack p50 ms", "{:.1f}", True),
     ("cpu_us_per_delivery", "CPU us/delivery", "{:.1f}", True),
+    ("server_cpu_cores", "server cores", "{:.2f}", False),
     ("connect_per_s", "connects/s", "{:,.0f}", True),
     ("gen_cpu_max", "gen CPU", "{:.2f}", False),
 ]
 IDLE_COLUMNS = [
     ("connected", "connected", "{:,.0f}", False),
     ("open_after_hold", "open after hold", "{:,.0f}", False),
+    ("pings_per_conn", "pings/conn", "{:.1f}", False),
     ("kb_per_conn_w0", "KB/conn w0", "{:.1f}", True),
     ("kb_per_conn_w1", "KB/conn w1", "{:.1f}", True),
     ("redis_kb_per_conn", "Redis KB/conn", "{:.2f}", False),
-    ("server_cpu_cores", "server CPU cores", "{:.3f}", True),
+    ("server_cpu_cores", "server CPU cores", "{:.3f}", False),
     ("connect_per_s", "connects/s", "{:,.0f}", True),
     ("connect_failed", "failed", "{:,.0f}", False),
 ]
@@ -41,6 +43,8 @@ def _flat(run):
     row = dict(run)
     for worker, kb in (run.get("kb_per_conn") or {}).items():
         row[f"kb_per_conn_{worker}"] = kb
+    if run.get("connected") and "pings_answered" in run:
+        row["pings_per_conn"] = run["pings_answered"] / run["connected"]
     gen = run.get("gen_cpu_cores")
     row["gen_cpu_max"] = max(gen) if gen else None
     return row

@@ -46,6 +46,8 @@ def parse_args(argv=None):
     parser.add_argument("--out", type=Path, default=RESULTS,
                         help="directory for the JSON, PNG and logs (default: bench/results)")
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG")
+    parser.add_argument("--report", type=Path, default=None, metavar="JSON",
+                        help="run nothing: print the tables of a results JSON and redraw its PNG")
     args = parser.parse_args(argv)
     args.servers = [s.strip() for s in args.servers.split(",") if s.strip()]
     for s in args.servers:
@@ -95,8 +97,37 @@ def versions():
     return out
 
 
+def show(doc, chosen, server_names, png):
+    """Print the tables of a results document and draw its plot."""
+    summary = report.summarize(doc["runs"])
+    doc["summary"] = summary
+    print()
+    print(f"`{doc['command']}`, {doc.get('elapsed_s', 0):.0f} s; medians over repeats, "
+          f"(x) = ratio to node's median; lost and dup are totals over repeats.")
+    print()
+    print(report.tables(summary, chosen, server_names))
+    problems = report.failures(doc["runs"])
+    if problems:
+        print("Problems:")
+        print(problems)
+        print()
+    if png is not None and summary:
+        report.plot(summary, doc["runs"], chosen, server_names, png)
+        print(f"plot: {png}")
+    return summary
+
+
+def replay(path, no_plot):
+    doc = json.loads(path.read_text())
+    chosen = {name: scenarios.Scenario(**cfg) for name, cfg in doc["scenarios"].items()}
+    show(doc, chosen, doc["servers"], None if no_plot else path.with_suffix(".png"))
+    return 0
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if args.report is not None:
+        return replay(args.report, args.no_plot)
     from tqdm import tqdm
 
     def terminate(signum, _frame):
@@ -149,23 +180,8 @@ def main(argv=None):
         servers.stop_all()
 
     doc["elapsed_s"] = round(time.time() - began, 1)
-    summary = report.summarize(doc["runs"])
-    doc["summary"] = summary
+    show(doc, args.chosen, args.servers, None if args.no_plot else out / f"bench-{stamp}.png")
     json_path.write_text(json.dumps(doc, indent=1))
-    print()
-    print(f"`{doc['command']}`, {doc['elapsed_s']:.0f} s; medians over repeats, "
-          f"(x) = ratio to node's median; lost and dup are totals over repeats.")
-    print()
-    print(report.tables(summary, args.chosen, args.servers))
-    problems = report.failures(doc["runs"])
-    if problems:
-        print("Problems:")
-        print(problems)
-        print()
-    if not args.no_plot and summary:
-        png = out / f"bench-{stamp}.png"
-        report.plot(summary, doc["runs"], args.chosen, args.servers, png)
-        print(f"plot: {png}")
     print(f"results: {json_path}")
     print(f"logs: {logroot}")
     failed = any("error" in r for r in doc["runs"]) or any(
