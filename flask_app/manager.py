@@ -5,6 +5,9 @@ connection). Stored messages are in the room's stream, though, so after every (r
 the worker replays, for each room it has members in, what came after the last message it
 delivered there; live messages it has already delivered are then skipped. Members of a room see
 each message once, in stream order, without reconnecting.
+
+The listener also pings Redis through its own subscription, so /readyz can tell a worker that
+hears Redis from one whose listener is still reconnecting.
 """
 import logging
 import time
