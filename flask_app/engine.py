@@ -12,7 +12,7 @@ from .transport import BatchingQueue, BatchingWebSocket
 
 
 class EngineServer(engineio.Server):
-    """Engine.IO server whose refusals never hang and never answer 500."""
+    """Engine.IO server whose refusals never hang or answer 500, with batched WebSocket writes."""
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)

@@ -5,6 +5,7 @@ import redis
 from flask import current_app
 
 from .auth import Tokens
+from .config import Config
 from .keys import Keys
 from .metrics import WorkerMetrics
 from .presence import Presence
@@ -15,7 +16,7 @@ from .store import MessageStore
 class Services:
     """Configuration, the Redis client and the components built on it."""
 
-    config: object
+    config: Config
     redis: redis.Redis
     tokens: Tokens
     store: MessageStore
