@@ -93,17 +93,15 @@ class ChatNamespace(socketio.Namespace):
         since = validation.cursor(data.get("since"), "since")
         conn = self._connection(sid)
         self.enter_room(sid, room)
-        with self.metrics.redis_timer("history"):
-            if since is None:
-                history = self.store.history(room, limit=self.config.history_on_join)
-                missed_more = False
-            else:
-                history, missed_more = self.store.since(room, since,
-                                                        self.config.history_max_limit)
+        pipe = self.services.redis.pipeline(transaction=False)  # one round trip for a join
+        read_history = self.store.join_history(pipe, room, since)
+        read_presence = self.presence.join(pipe, sid, room)
+        self.store.touch_room(pipe, room, time.time())
+        with self.metrics.redis_timer("join"):
+            history_reply, presence_reply, _ = pipe.execute()
+        history, missed_more = read_history(history_reply)
+        fresh, gone, members = read_presence(presence_reply)
         self.server.manager.remember_delivered(room, history[-1]["id"] if history else since or "0-0")
-        with self.metrics.redis_timer("presence"):
-            fresh, gone, members = self.presence.join(sid, room)
-        self.store.touch_room(room, time.time())
         self.metrics.joins.inc()
         log.info("join", extra={"sid": sid, "user": conn.user, "room": room})
         self._announce_leaves(room, [], gone)

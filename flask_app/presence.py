@@ -122,14 +122,20 @@ class Presence:
         """Return the connection record of a local sid, or None."""
         return self.local.get(sid)
 
-    def join(self, sid, room):
-        """Add a connection to a room; return (user was absent before, users gone, members)."""
+    def join(self, pipe, sid, room):
+        """Queue on `pipe` a connection joining a room; return the reader of its reply.
+
+        The reader returns (the user was absent before, users gone, members).
+        """
         conn = self.local[sid]
-        fresh, gone, connections = self._join(keys=self._room_keys(room),
-                                              args=[conn.user, sid, self.ttl_ms])
-        conn.rooms.add(room)
-        return (bool(fresh), [user for user in gone if user != conn.user],
-                users_of(connections))
+        self._join(keys=self._room_keys(room), args=[conn.user, sid, self.ttl_ms], client=pipe)
+
+        def read(reply):
+            fresh, gone, connections = reply
+            conn.rooms.add(room)
+            return (bool(fresh), [user for user in gone if user != conn.user],
+                    users_of(connections))
+        return read
 
     def leave(self, sid, room):
         """Remove a connection from a room; return (user has left, users gone)."""

@@ -69,20 +69,32 @@ class MessageStore:
             entries.reverse()
         return [message(room, entry_id, fields) for entry_id, fields in entries]
 
-    def since(self, room, since, limit):
-        """Return (messages after `since`, oldest first, at most `limit`; whether more were missed).
+    def join_history(self, pipe, room, since):
+        """Queue on `pipe` the history a joiner gets; return the reader of its reply.
 
-        More were missed when more than `limit` follow `since`, or when the stream's
+        The reader returns (messages oldest first, whether more were missed). Without
+        `since` they are the newest `history_on_join`; with it, those after `since`, at most
+        `history_max_limit`, and more were missed when more followed or when the stream's
         bound has trimmed `since` (and perhaps messages after it).
         """
-        entries, oldest = self._since(keys=[self.keys.room_stream(room)], args=[since, limit + 1])
-        messages = [message(room, entry_id, dict(zip(fields[::2], fields[1::2])))
-                    for entry_id, fields in entries[:limit]]
-        return messages, len(entries) > limit or id_order(oldest) > id_order(since)
+        stream = self.keys.room_stream(room)
+        if since is None:
+            pipe.xrevrange(stream, "+", "-", count=self.config.history_on_join)
+            return lambda entries: ([message(room, entry_id, fields)
+                                     for entry_id, fields in reversed(entries)], False)
+        limit = self.config.history_max_limit
+        self._since(keys=[stream], args=[since, limit + 1], client=pipe)
 
-    def touch_room(self, room, now):
-        """Record activity in a room for the lobby's list."""
-        self.redis.zadd(self.keys.rooms(), {room: now})
+        def read(reply):
+            entries, oldest = reply
+            messages = [message(room, entry_id, dict(zip(fields[::2], fields[1::2])))
+                        for entry_id, fields in entries[:limit]]
+            return messages, len(entries) > limit or id_order(oldest) > id_order(since)
+        return read
+
+    def touch_room(self, pipe, room, now):
+        """Queue on `pipe` the record of activity in a room, for the lobby's list."""
+        pipe.zadd(self.keys.rooms(), {room: now})
 
     def recent_rooms(self, count):
         """Return the most recently active rooms, newest first."""
