@@ -105,7 +105,6 @@ class Presence:
         self.keys = keys
         self.ttl_ms = ttl_seconds * 1000
         self.local = {}
-        self._join = redis.register_script(JOIN)
         self._leave = redis.register_script(LEAVE)
         self._heartbeat = redis.register_script(HEARTBEAT)
         self._members = redis.register_script(MEMBERS)
@@ -128,7 +127,8 @@ class Presence:
         The reader returns (the user was absent before, users gone, members).
         """
         conn = self.local[sid]
-        self._join(keys=self._room_keys(room), args=[conn.user, sid, self.ttl_ms], client=pipe)
+        # EVAL, not EVALSHA: redis-py checks a pipeline's scripts with SCRIPT EXISTS first
+        pipe.eval(JOIN, 2, *self._room_keys(room), conn.user, sid, self.ttl_ms)
 
         def read(reply):
             fresh, gone, connections = reply

@@ -43,7 +43,6 @@ class MessageStore:
         self.keys = keys
         self.config = config
         self._append = redis.register_script(APPEND_AND_PUBLISH)
-        self._since = redis.register_script(SINCE)
 
     def append(self, room, user, text, client_id):
         """Store a message and broadcast it to the room; return (id, stored_now)."""
@@ -83,7 +82,7 @@ class MessageStore:
             return lambda entries: ([message(room, entry_id, fields)
                                      for entry_id, fields in reversed(entries)], False)
         limit = self.config.history_max_limit
-        self._since(keys=[stream], args=[since, limit + 1], client=pipe)
+        pipe.eval(SINCE, 1, stream, since, limit + 1)  # EVALSHA would cost a SCRIPT EXISTS
 
         def read(reply):
             entries, oldest = reply
