@@ -59,6 +59,10 @@ class Gen:
             raise GeneratorError(f"generator {self.index}: {answer.get('error')}")
         return answer
 
+    def kill(self):
+        """Stop the process now, without asking it to close its clients."""
+        servers.stop(self.proc, timeout=3)
+
     def close(self):
         if self.proc.poll() is None:
             try:

@@ -172,7 +172,8 @@ def plot(summary, runs, scenarios, servers, path):
         ax.set_ylabel(ylabel)
         if log:
             ax.set_yscale("log")
-        ax.legend(fontsize=8)
+        _headroom(ax, log)
+        ax.legend(fontsize=8, ncol=len(servers), loc="upper right")
 
     bars(axes[0][0], traffic, "deliveries_per_s", "Deliveries per second (higher is better)",
          "deliveries/s (log scale)", log=True)
@@ -192,6 +193,7 @@ def plot(summary, runs, scenarios, servers, path):
     ax.set_xticks(range(len(traffic)))
     ax.set_xticklabels(traffic)
     ax.set_yscale("log")
+    _headroom(ax, True)
     ax.set_title("Delivery latency p50 / p99 / max (lower is better)")
     ax.set_ylabel("ms (log scale)")
     ax.legend(fontsize=7, ncol=len(servers))
@@ -213,10 +215,17 @@ def plot(summary, runs, scenarios, servers, path):
         ax.set_xticklabels(idle)
         ax.set_title("Worker memory per idle connection (lower is better)")
         ax.set_ylabel("KB / connection (RSS)")
-        ax.legend(fontsize=8)
+        _headroom(ax, False)
+        ax.legend(fontsize=8, ncol=len(servers), loc="upper right")
     else:
         axes[1][1].axis("off")
     fig.suptitle("scalechat vs reference servers (medians; dots are single runs)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _headroom(ax, log):
+    """Room above the bars for the legend."""
+    low, high = ax.get_ylim()
+    ax.set_ylim(low, high * (8 if log else 1.3))

@@ -5,6 +5,7 @@ stack; the report gives medians over the repeats and ratios to the Node peer.
 Results: a JSON file and a PNG plot in bench/results/, and the tables on the terminal.
 """
 import argparse
+import atexit
 import dataclasses
 import datetime
 import json
@@ -133,6 +134,7 @@ def main(argv=None):
     def terminate(signum, _frame):
         raise SystemExit(128 + signum)
     signal.signal(signal.SIGTERM, terminate)
+    atexit.register(servers.stop_all)
     fd_limit = raise_fd_limit()
 
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -174,10 +176,12 @@ def main(argv=None):
             doc["runs"].append(result)
             json_path.write_text(json.dumps(doc, indent=1))
     except KeyboardInterrupt:
-        tqdm.write("interrupted: reporting the runs that finished")
+        tqdm.write("interrupted: stopping every process started, then reporting the runs that finished")
     finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not skip the cleanup
         bar.close()
         servers.stop_all()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
     doc["elapsed_s"] = round(time.time() - began, 1)
     show(doc, args.chosen, args.servers, None if args.no_plot else out / f"bench-{stamp}.png")

@@ -110,10 +110,13 @@ def execute(sc, stack, logdir, progress=None):
         result["redis_kb_per_conn"] = (round((rss_after["redis"] - rss_before["redis"]) / conns, 2)
                                        if conns else None)
         stack.check_alive()
-        return result
-    finally:
-        for gen in gens:
-            gen.close()
+    except BaseException:
+        for gen in gens:  # interrupted or failed: no polite goodbyes
+            gen.kill()
+        raise
+    for gen in gens:
+        gen.close()
+    return result
 
 
 def _connect(sc, stack, gens):
