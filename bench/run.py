@@ -153,6 +153,7 @@ def main(argv=None):
         servers.node_ready()
 
     began = time.time()
+    interrupted = False
     bar = tqdm(plan, unit="run", dynamic_ncols=True)
     try:
         for name, rep, server in bar:
@@ -176,6 +177,7 @@ def main(argv=None):
             doc["runs"].append(result)
             json_path.write_text(json.dumps(doc, indent=1))
     except KeyboardInterrupt:
+        interrupted = True
         tqdm.write("interrupted: stopping every process started, then reporting the runs that finished")
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not skip the cleanup
@@ -190,6 +192,8 @@ def main(argv=None):
     print(f"logs: {logroot}")
     failed = any("error" in r for r in doc["runs"]) or any(
         r.get("lost") or r.get("duplicated") for r in doc["runs"])
+    if interrupted:
+        return 130
     return 1 if failed else 0
 
 
