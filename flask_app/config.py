@@ -32,6 +32,9 @@ class Config:
     # means the site's own origin only, "*" allows any.
     allowed_origins: tuple = dataclasses.field(
         default=(), metadata={"env": "SCALECHAT_ALLOWED_ORIGINS"})
+    # Redis connections per worker; handlers beyond it wait for one (up to 5 s) rather than fail.
+    redis_pool: int = dataclasses.field(
+        default=100, metadata={"env": "SCALECHAT_REDIS_POOL"})
     key_prefix: str = dataclasses.field(
         default="scalechat:", metadata={"env": "SCALECHAT_KEY_PREFIX"})
     channel: str = dataclasses.field(

@@ -27,9 +27,11 @@ class Services:
     @classmethod
     def from_config(cls, config):
         """Build every component; Redis is only connected on first use."""
-        client = redis.Redis.from_url(
-            config.redis_url, decode_responses=True, socket_connect_timeout=2,
-            socket_timeout=5, health_check_interval=30)
+        pool = redis.BlockingConnectionPool.from_url(
+            config.redis_url, max_connections=config.redis_pool, timeout=5,
+            decode_responses=True, socket_connect_timeout=2, socket_timeout=5,
+            health_check_interval=30)
+        client = redis.Redis(connection_pool=pool)
         keys = Keys(config.key_prefix)
         return cls(config=config, redis=client,
                    tokens=Tokens(config.secret_key, config.token_ttl),

@@ -180,3 +180,15 @@ def test_pages_carry_security_headers(workers):
                          allow_redirects=False)
     assert "SameSite=Lax" in login.headers["Set-Cookie"]
     assert "HttpOnly" in login.headers["Set-Cookie"]
+
+
+def test_a_burst_beyond_the_redis_pool_waits_instead_of_failing(worker_factory, clients, room):
+    narrow = worker_factory("narrow-pool", SCALECHAT_REDIS_POOL="2")
+    alice = clients("alice").connect(narrow)
+    alice.join(room)
+    acks = []
+    for n in range(40):  # handled concurrently, each needing a Redis connection
+        alice.sio.emit("message", {"room": room, "text": f"m{n}", "client_id": f"b{n}"},
+                       callback=acks.append)
+    wait_until(lambda: len(acks) == 40, what="every ack")
+    assert all(ack["ok"] for ack in acks), [ack for ack in acks if not ack["ok"]][:3]
