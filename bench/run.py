@@ -44,6 +44,10 @@ def parse_args(argv=None):
     parser.add_argument("--aof", action="store_true",
                         help="run Redis with appendonly everysec, as deploy/redis.conf does "
                              "(default: no persistence; the same for every server)")
+    parser.add_argument("--scalechat-ref", default=None, metavar="REF",
+                        help="measure scalechat at this git commit (default: the working tree "
+                             "as it is when the run starts, copied so that edits during the run "
+                             "change nothing)")
     parser.add_argument("--out", type=Path, default=RESULTS,
                         help="directory for the JSON, PNG and logs (default: bench/results)")
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG")
@@ -103,7 +107,11 @@ def show(doc, chosen, server_names, png):
     summary = report.summarize(doc["runs"])
     doc["summary"] = summary
     print()
-    print(f"`{doc['command']}`, {doc.get('elapsed_s', 0):.0f} s; medians over repeats, "
+    code = doc.get("scalechat")
+    at = ""
+    if code:
+        at = f"scalechat at {code['commit']}{' with uncommitted changes' if code['uncommitted_changes'] else ''}; "
+    print(f"`{doc['command']}`, {doc.get('elapsed_s', 0):.0f} s; {at}medians over repeats, "
           f"(x) = ratio to node's median; lost and dup are totals over repeats.")
     print()
     print(report.tables(summary, chosen, server_names))
@@ -151,6 +159,10 @@ def main(argv=None):
     json_path = out / f"bench-{stamp}.json"
     if "node" in args.servers:
         servers.node_ready()
+    code = None
+    if "scalechat" in args.servers:
+        doc["scalechat"] = servers.snapshot_scalechat(logroot / "scalechat-code", args.scalechat_ref)
+        code = doc["scalechat"]["path"]
 
     began = time.time()
     interrupted = False
@@ -160,7 +172,7 @@ def main(argv=None):
             sc = args.chosen[name]
             bar.set_description(f"{name} {server} #{rep + 1}")
             logdir = logroot / f"{name}-{server}-{rep + 1}"
-            stack = servers.Stack(server, logdir, aof=args.aof)
+            stack = servers.Stack(server, logdir, aof=args.aof, scalechat_code=code)
             try:
                 stack.start()
                 result = scenarios.execute(

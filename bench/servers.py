@@ -93,15 +93,45 @@ def node_ready():
                    stdout=subprocess.DEVNULL, timeout=600)
 
 
+def _git(*args):
+    return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=30).stdout.strip()
+
+
+def snapshot_scalechat(dest, ref=None):
+    """Copy scalechat's code (flask_app/, wsgi.py) into `dest` and describe what was copied.
+
+    Without `ref`, the working tree as it is now, uncommitted changes included; with a git
+    ref, that commit. Every run of one invocation then measures the same code, even while
+    the working tree changes under it.
+    """
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    if ref is None:
+        shutil.copytree(ROOT / "flask_app", dest / "flask_app",
+                        ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copy2(ROOT / "wsgi.py", dest / "wsgi.py")
+        commit = _git("rev-parse", "--short", "HEAD")
+        dirty = bool(_git("status", "--porcelain", "--", "flask_app", "wsgi.py"))
+    else:
+        archive = subprocess.run(["git", "archive", ref, "flask_app", "wsgi.py"], cwd=ROOT,
+                                 capture_output=True, check=True, timeout=60).stdout
+        subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True, timeout=60)
+        commit = _git("rev-parse", "--short", ref)
+        dirty = False
+    return {"commit": commit, "uncommitted_changes": dirty, "path": str(dest)}
+
+
 class Stack:
     """Redis plus two workers of one server, on free ports of 127.0.0.1."""
 
-    def __init__(self, server, logdir, aof=False):
+    def __init__(self, server, logdir, aof=False, scalechat_code=None):
         if server not in SERVERS:
             raise ValueError(f"unknown server {server!r}; one of {', '.join(SERVERS)}")
         self.server = server
         self.logdir = Path(logdir)
         self.aof = aof
+        self.scalechat_code = scalechat_code  # a snapshot_scalechat() directory, or the tree
         self.procs = {}
         self.ports = []
         self.redis_port = None
@@ -160,8 +190,13 @@ class Stack:
         if self.server == "scalechat":
             env.update(REDIS_URL=redis_url, SECRET_KEY="bench", SCALECHAT_WORKER_ID=f"w{i}",
                        SCALECHAT_RATE_LIMIT="100000", SCALECHAT_RATE_BURST="100000")
-            script = Path(sys.executable).parent / "scalechat-worker"
-            return spawn([str(script), "--host", HOST, "--port", str(port)], log, env, cwd=ROOT)
+            if self.scalechat_code is None:
+                script = Path(sys.executable).parent / "scalechat-worker"
+                return spawn([str(script), "--host", HOST, "--port", str(port)], log, env, cwd=ROOT)
+            # the snapshot comes first on sys.path, before the editable install of the tree
+            env["SCALECHAT_NODE_MODULES"] = str(ROOT / "node_modules")
+            return spawn([sys.executable, "-c", "from wsgi import main; main()",
+                          "--host", HOST, "--port", str(port)], log, env, cwd=self.scalechat_code)
         if self.server == "python_stock":
             env.update(REDIS_URL=redis_url, WORKER_ID=f"p{i}")
             return spawn([sys.executable, str(PEERS / "python_stock" / "server.py"),
