@@ -3,12 +3,12 @@ import argparse
 import logging
 import signal
 
-from . import logs, metrics
-
-from gevent.event import Event
 from gevent import monkey, signal_handler
+from gevent.event import Event
 from gevent.pywsgi import WSGIServer
 from geventwebsocket.handler import WebSocketHandler
+
+from . import logs, metrics
 
 log = logging.getLogger("scalechat.worker")
 
