@@ -2,8 +2,11 @@
 
 `application` serves any gevent WSGI server; `main` is `scalechat-worker`.
 """
-from gevent import monkey
+from gevent import config, monkey
 
+# Greenlets would otherwise each keep the stack of whoever spawned them, for debugging only:
+# a few KB per connection.
+config.track_greenlet_tree = False
 monkey.patch_all()
 
 import sys  # noqa: E402
