@@ -34,6 +34,7 @@ def create_app(config=None):
         json=jsonio,
         cors_allowed_origins=config.cors_allowed_origins,
         max_http_buffer_size=config.max_payload,
+        max_send_buffer=config.max_send_buffer,
     )
     sio.register_namespace(ChatNamespace(app, services))
     if config.admin_password:

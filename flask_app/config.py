@@ -55,6 +55,10 @@ class Config:
         default=30, metadata={"env": "SCALECHAT_PRESENCE_TTL"})
     max_payload: int = dataclasses.field(
         default=65536, metadata={"env": "SCALECHAT_MAX_PAYLOAD"})
+    # Bytes that may wait to be sent to one WebSocket client before it is disconnected as
+    # too slow (it reconnects and resumes from its last message).
+    max_send_buffer: int = dataclasses.field(
+        default=4 << 20, metadata={"env": "SCALECHAT_MAX_SEND_BUFFER"})
     # Events per second each connection may send, and the burst above that rate.
     rate_limit: float = dataclasses.field(
         default=10.0, metadata={"env": "SCALECHAT_RATE_LIMIT"})

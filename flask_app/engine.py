@@ -1,23 +1,170 @@
 """Our Socket.IO server: python-socketio's, on an Engine.IO server that refuses bad requests
-cleanly and writes WebSocket frames in batches.
+cleanly and serves WebSockets from the event loop (see transport.py).
 
 python-engineio closes a session that sent a malformed polling packet by waiting for a poll
 to drain its queue, which may never come (the request then hangs), and answers 500 to a
 request for a session that has just closed. Both are a client's fault and get a 400 here.
 """
-import engineio
-import socketio
+import logging
+import time
 
-from .transport import BatchingQueue, BatchingWebSocket
+import engineio
+import gevent
+import socketio
+from engineio import packet
+from engineio.socket import Socket
+from wsproto.frame_protocol import CloseReason
+
+from . import transport
+
+log = logging.getLogger(__name__)
+
+_last_frame = (None, b"")  # a broadcast sends one Packet object to every member
+
+
+def _frame_of(pkt):
+    """The WebSocket frame of an Engine.IO packet, encoded once for all the members of a room."""
+    global _last_frame
+    if _last_frame[0] is not pkt:
+        _last_frame = (pkt, transport.frame(pkt.encode()))
+    return _last_frame[1]
+
+
+class ChatSocket(Socket):
+    """An Engine.IO session whose WebSocket is a transport.Connection and whose pings are timers.
+
+    Polling works as in python-engineio. A WebSocket, opened directly or as an upgrade,
+    is served by the loop: sends are queued on the connection, packets received are
+    handled as python-engineio's reader would (each message in its own greenlet).
+    """
+
+    websocket = None  # the transport.Connection, once one is opened
+    ping_timer = None
+
+    def send(self, pkt):
+        if self.websocket is None or not self.upgraded:
+            return super().send(pkt)  # polling, or a WebSocket still being probed
+        if self.check_ping_timeout():
+            self.websocket.send(_frame_of(pkt))
+
+    def schedule_ping(self):
+        if self.last_ping:
+            self.last_ping = None
+            if self.ping_timer is None:
+                self.ping_timer = gevent.get_hub().loop.timer(self.server.ping_interval)
+            self.ping_timer.start(self._ping)
+
+    def _ping(self):
+        if not self.closing and not self.closed:
+            self.last_ping = time.time()
+            self.send(packet.Packet(packet.PING))
+
+    def close(self, wait=True, abort=False, reason=None):
+        if self.upgraded and self.websocket is not None:
+            wait = False  # no writer drains the queue: the WebSocket flushes before closing
+        super().close(wait=wait, abort=abort, reason=reason)
+        if self.ping_timer is not None:
+            self.ping_timer.stop()
+        if self.websocket is not None:
+            self.websocket.close()
+        if self.server.sockets.get(self.sid) is self:
+            del self.server.sockets[self.sid]
+
+    def _websocket_handler(self, ws):
+        """Serve the WebSocket `ws` (a transport.TakenWebSocket) from the loop, and return."""
+        if self.websocket is not None or self.closed:
+            ws.sock.close()  # a second WebSocket for one session
+            return []
+        self.websocket = transport.Connection(
+            ws.sock, self._on_message, self._on_websocket_closed,
+            max_message=self.server.max_http_buffer_size,
+            max_buffered=self.server.max_send_buffer)
+        if self.connected:  # an upgrade from polling: the probe comes first
+            self.upgrading = True
+            self.websocket.on_message = self._on_probe
+        else:
+            self.connected = True
+            self._upgraded()
+        self.websocket.start(ws.received)
+        return []
+
+    def _on_probe(self, data):
+        pkt = packet.Packet(encoded_packet=data)
+        if pkt.packet_type == packet.PING and pkt.data == "probe":
+            self.websocket.send(transport.frame(packet.Packet(packet.PONG, data="probe").encode()))
+            self.queue.put(packet.Packet(packet.NOOP))  # ends the poll in flight
+            self.websocket.on_message = self._on_upgrade
+        else:
+            self._fail_upgrade(f"no PING probe but {data!r}")
+
+    def _on_upgrade(self, data):
+        if packet.Packet(encoded_packet=data).packet_type == packet.UPGRADE:
+            self.upgrading = False
+            self._upgraded()
+        else:
+            self._fail_upgrade(f"no UPGRADE but {data!r}")
+
+    def _fail_upgrade(self, why):
+        log.info("%s: websocket upgrade failed: %s", self.sid, why)
+        self.websocket.close()
+
+    def _upgraded(self):
+        """From now on the WebSocket carries every packet, those queued first."""
+        self.upgraded = True
+        self.websocket.on_message = self._on_message
+        while not self.queue.empty():
+            pkt = self.queue.get(block=False)
+            self.queue.task_done()
+            if pkt is not None:
+                self.websocket.send(_frame_of(pkt))
+
+    def _on_message(self, data):
+        try:
+            pkt = packet.Packet(encoded_packet=data)
+        except Exception as exc:
+            log.info("%s: undecodable packet, closing: %s", self.sid, exc)
+            self.websocket.close(CloseReason.POLICY_VIOLATION)
+            return
+        if pkt.packet_type == packet.CLOSE:
+            self.server.start_background_task(self.close, wait=False, abort=True,
+                                              reason=self.server.reason.CLIENT_DISCONNECT)
+            return
+        try:
+            self.receive(pkt)  # a message starts its own greenlet; nothing here blocks
+        except engineio.exceptions.UnknownPacketError:
+            pass
+
+    def _on_websocket_closed(self, reason):
+        if not self.upgraded:  # the upgrade did not finish: polling goes on
+            self.websocket = None
+            self.upgrading = False
+        elif not self.closed and not self.closing:
+            self.server.start_background_task(self.close, wait=False, abort=True,
+                                              reason=self.server.reason.TRANSPORT_CLOSE)
+
+
+class _Sockets(dict):
+    """EngineServer.sockets. python-engineio builds its Socket by name when a session opens
+    and registers it here before any other use: that is where it becomes a ChatSocket."""
+
+    def __setitem__(self, sid, eio_socket):
+        if type(eio_socket) is Socket:
+            eio_socket.__class__ = ChatSocket
+        super().__setitem__(sid, eio_socket)
 
 
 class EngineServer(engineio.Server):
-    """Engine.IO server whose refusals never hang or answer 500, with batched WebSocket writes."""
+    """Engine.IO server whose refusals never hang or answer 500, with loop-served WebSockets.
 
-    def __init__(self, **kwargs):
+    `max_send_buffer`: bytes that may wait for a client before it is disconnected.
+    """
+
+    def __init__(self, max_send_buffer, **kwargs):
         super().__init__(**kwargs)
+        self.max_send_buffer = max_send_buffer
         if self.async_mode == "gevent":
-            self._async = {**self._async, "queue": BatchingQueue, "websocket": BatchingWebSocket}
+            self.sockets = _Sockets()
+            self._async = {**self._async, "websocket": transport.TakenWebSocket}
 
     def disconnect(self, sid=None):
         """Close sessions without waiting for a poll that may never come."""

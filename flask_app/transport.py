@@ -1,24 +1,37 @@
-"""WebSocket writes in batches: every frame queued for a socket goes out in one send().
+"""WebSocket connections served by gevent's event loop, with no greenlet of their own.
 
-python-engineio's writer greenlet takes all the packets queued for a socket at once, then
-sends each in its own WebSocket frame and system call; under a busy room that system call is
-most of the cost of a delivery. Here the writer's frames are kept until it comes back to wait
-on the queue, and then written with one sendall(): no delay is added (the writer had nothing
-more to send), and a batch is never larger than what was already queued.
+python-engineio's gevent driver keeps three greenlets per WebSocket: the request's, blocked
+in receive(); a writer, blocked on the packet queue; and one asleep until the next ping.
+At about 8 KB each they were most of an idle connection's memory, and every delivery cost
+a switch to the writer. Here, once gevent-websocket has answered the handshake, the socket
+is taken from the request's greenlet, which then ends:
 
-`BatchingQueue` and `BatchingWebSocket` replace the `queue` and `websocket` entries of
-python-engineio's gevent driver (see engine.EngineServer); the Engine.IO protocol on the wire
-is unchanged.
+- reads: a read watcher calls back when bytes arrive; wsproto parses the frames, pings
+  are answered, and every whole message goes to `on_message`;
+- writes: the frames sent to a connection during one turn of the loop go out together in
+  one send() when the turn ends, so a broadcast costs one system call per member and adds
+  no delay. What the kernel does not take waits for a write watcher; a client that stops
+  reading is disconnected once `max_buffered` bytes wait for it.
+
+Callbacks run in the loop itself, where nothing may block: `on_message` and `on_close`
+hand blocking work to a greenlet.
 """
+import _socket
+import io
 import logging
 import struct
 
 import gevent
-from gevent.queue import JoinableQueue
+from wsproto.frame_protocol import CloseReason, FrameProtocol, Opcode, ParseFailed
 
 log = logging.getLogger(__name__)
 
 TEXT, BINARY = 0x81, 0x82  # FIN + opcode
+READ, WRITE = 1, 2  # libev's event masks
+CLOSE_TIMEOUT = 5.0  # seconds a closing connection may take to take its last frames
+
+_read_buffer = bytearray(65536)  # one for the process: reads never overlap in the loop
+_read_view = memoryview(_read_buffer)
 
 
 def frame(message):
@@ -35,65 +48,225 @@ def frame(message):
     return struct.pack("!BBQ", first, 127, length) + payload
 
 
-class BatchingQueue(JoinableQueue):
-    """An Engine.IO socket's packet queue that lets its WebSocket flush before a blocking wait."""
+class _EndOfTurn:
+    """The connections with frames waiting, written when this turn of the loop ends."""
 
-    before_wait = None
+    def __init__(self):
+        self.waiting = []
+        self.scheduled = False
 
-    def get(self, block=True, timeout=None):
-        if block and self.before_wait is not None:
-            self.before_wait()
-        return super().get(block, timeout)
-
-
-class BatchingWebSocket:
-    """python-engineio's gevent-websocket adapter, sending the writer's frames in batches."""
-
-    def __init__(self, handler, server):
-        self.app = handler
-        self.pending = []
-        self.writer = None
-        handler.__self__.queue.before_wait = self._before_wait  # the Engine.IO socket's queue
-
-    def __call__(self, environ, start_response):
-        if "wsgi.websocket" not in environ:
-            raise RuntimeError("scalechat needs gevent-websocket's WebSocketHandler")
-        self._sock = environ["wsgi.websocket"]
-        self.environ = environ
-        self.version = self._sock.version
-        self.path = self._sock.path
-        self.origin = self._sock.origin
-        self.protocol = self._sock.protocol
-        return self.app(self)
-
-    def send(self, message):
-        self.pending.append(frame(message))
-        if gevent.getcurrent() is not self.writer:
-            self.flush()  # not the writer (the upgrade handshake): nothing else will flush
+    def add(self, connection):
+        self.waiting.append(connection)
+        if not self.scheduled:
+            self.scheduled = True
+            gevent.get_hub().loop.run_callback(self.flush)
 
     def flush(self):
-        if not self.pending:
-            return
-        data = b"".join(self.pending)
-        self.pending.clear()
-        if self._sock.closed:
-            return
-        try:
-            self._sock.raw_write(data)
-        except OSError as exc:
-            log.info("websocket write failed: %s", exc)
+        waiting, self.waiting = self.waiting, []
+        self.scheduled = False
+        for connection in waiting:
             try:
-                self._sock.close()  # the reader then ends the session
+                connection.flush()
             except Exception:
-                pass
+                log.exception("websocket flush failed")
+                connection.abort("internal error")
 
-    def _before_wait(self):
-        self.writer = gevent.getcurrent()
+
+end_of_turn = _EndOfTurn()
+
+
+class Connection:
+    """One server-side WebSocket on a non-blocking socket, driven by loop callbacks."""
+
+    __slots__ = ("sock", "on_message", "on_close", "max_message", "max_buffered", "protocol",
+                 "fragments", "size", "out", "buffered", "pending", "closing", "closed",
+                 "reader", "writer", "timer")
+
+    def __init__(self, sock, on_message, on_close, max_message, max_buffered):
+        self.sock = sock
+        self.on_message = on_message  # (str | bytes) -> None, each whole message
+        self.on_close = on_close  # (reason: str) -> None, once, when the connection is gone
+        self.max_message = max_message
+        self.max_buffered = max_buffered
+        self.protocol = FrameProtocol(client=False, extensions=[])
+        self.fragments = None  # parts of a message that came in several frames
+        self.size = 0
+        self.out = []
+        self.buffered = 0
+        self.pending = False  # waiting in end_of_turn
+        self.closing = False
+        self.closed = False
+        self.reader = self.writer = self.timer = None
+
+    def start(self, received=b""):
+        """Serve the connection from now on; `received` are bytes already read from it."""
+        self.reader = gevent.get_hub().loop.io(self.sock.fileno(), READ)
+        self.reader.start(self._readable)
+        if received:
+            self._received(received)
+
+    def send(self, data):
+        """Queue whole frames; they go out when this turn of the loop ends."""
+        if self.closing or self.closed:
+            return
+        self.out.append(data)
+        self.buffered += len(data)
+        if self.buffered > self.max_buffered:
+            log.info("websocket dropped: %d bytes wait for a client that does not read",
+                     self.buffered)
+            self.abort("client too slow")
+        elif not self.pending:
+            self.pending = True
+            end_of_turn.add(self)
+
+    def close(self, code=CloseReason.NORMAL_CLOSURE, reason=None):
+        """Send a close frame after what is queued, then close the socket."""
+        if self.closing or self.closed:
+            return
+        self.out.append(bytes(self.protocol.close(code, reason)))
+        self.closing = True
+        if self.reader is not None:
+            self.reader.stop()
+        self.timer = gevent.get_hub().loop.timer(CLOSE_TIMEOUT)
+        self.timer.start(self.abort, "close timed out")
         self.flush()
 
-    def close(self):
-        self.flush()
-        return self._sock.close()
+    def abort(self, reason):
+        """Close the socket now, dropping whatever is still queued."""
+        if self.closed:
+            return
+        self.closed = True
+        for watcher in (self.reader, self.writer, self.timer):
+            if watcher is not None:
+                watcher.stop()
+                watcher.close()
+        self.reader = self.writer = self.timer = None
+        self.out = []
+        try:
+            for _ in range(4):  # unread bytes would turn close() into a reset
+                if not self.sock.recv_into(_read_buffer):
+                    break
+        except OSError:
+            pass
+        self.sock.close()
+        self.on_close(reason)
 
-    def wait(self):
-        return self._sock.receive()
+    def flush(self):
+        self.pending = False
+        if self.closed or not self.out or (self.writer is not None and self.writer.active):
+            return  # a full kernel buffer: the write watcher will flush
+        data = self.out[0] if len(self.out) == 1 else b"".join(self.out)
+        try:
+            sent = self.sock.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:
+            self.abort(f"write failed: {exc}")
+            return
+        if sent == len(data):
+            self.out = []
+            self.buffered = 0
+            if self.closing:
+                self.abort("closed")
+            return
+        self.out = [data[sent:]]
+        self.buffered = len(data) - sent
+        if self.writer is None:
+            self.writer = gevent.get_hub().loop.io(self.sock.fileno(), WRITE)
+        if not self.writer.active:
+            self.writer.start(self._writable)
+
+    def _writable(self):
+        self.writer.stop()
+        self.flush()
+
+    def _readable(self):
+        try:
+            count = self.sock.recv_into(_read_buffer)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self.abort(f"read failed: {exc}")
+            return
+        if count == 0:
+            self.abort("closed by the client")
+            return
+        self._received(bytes(_read_view[:count]))
+
+    def _received(self, data):
+        self.protocol.receive_bytes(data)
+        try:
+            for received in self.protocol.received_frames():
+                if self.closing or self.closed:
+                    return
+                self._frame(received)
+        except ParseFailed as exc:
+            log.info("websocket protocol error: %s", exc)
+            self.close(exc.code, str(exc))
+        except Exception:
+            log.exception("websocket message handling failed")
+            self.close(CloseReason.INTERNAL_ERROR)
+
+    def _frame(self, received):
+        opcode = received.opcode
+        if opcode is Opcode.PING:
+            self.send(bytes(self.protocol.pong(received.payload)))
+        elif opcode is Opcode.CLOSE:
+            code, reason = received.payload
+            self.close(code, reason)
+        elif opcode is not Opcode.PONG:  # a piece of a text or binary message
+            self.size += len(received.payload)
+            if self.size > self.max_message:
+                log.info("websocket message over %d bytes refused", self.max_message)
+                self.close(CloseReason.MESSAGE_TOO_BIG, "message too big")
+                return
+            if received.message_finished and self.fragments is None:
+                message = received.payload
+            else:
+                self.fragments = [*(self.fragments or ()), received.payload]
+                if not received.message_finished:
+                    return
+                parts, self.fragments = self.fragments, None
+                message = "".join(parts) if isinstance(parts[0], str) else b"".join(parts)
+            self.size = 0
+            self.on_message(message)
+
+
+def take_socket(request):
+    """Take a WebSocket's socket from gevent-websocket's request handler, which then ends.
+
+    Returns the socket, non-blocking, and any bytes the handler had read ahead.
+    """
+    gsock = request.socket
+    gsock.settimeout(0.0)  # the peek below must not wait for bytes
+    try:
+        received = request.rfile.peek()
+    except OSError:
+        received = b""
+    sock = _socket.socket(fileno=gsock.detach())
+    sock.setblocking(False)
+    return sock, bytes(received)
+
+
+class TakenWebSocket:
+    """python-engineio's `websocket` driver entry for gevent, handing over the socket itself.
+
+    Called by python-engineio with the Engine.IO socket's handler, then as the WSGI app of
+    the upgraded request; the handler gets this object, whose `sock` and `received` it
+    serves with a `Connection`.
+    """
+
+    def __init__(self, handler, server):
+        self.handler = handler
+        self.sock = None
+        self.received = b""
+
+    def __call__(self, environ, start_response):
+        websocket = environ.get("wsgi.websocket")
+        if websocket is None:
+            raise RuntimeError("scalechat needs gevent-websocket's WebSocketHandler")
+        self.sock, self.received = take_socket(websocket.handler)
+        websocket.closed = True  # not gevent-websocket's to close any more
+        # the session keeps the environ: let go of the request's 8 KB read buffer
+        environ["wsgi.input"] = io.BytesIO()
+        return self.handler(self)

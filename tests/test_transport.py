@@ -1,9 +1,21 @@
-"""The batching WebSocket writer: frames as gevent-websocket would write them, one send per batch."""
-import gevent
-import pytest
-from geventwebsocket.websocket import Header
+"""The loop-served WebSocket: frames, batching, back-pressure, closing, and Engine.IO upgrades.
 
-from flask_app.transport import BatchingQueue, BatchingWebSocket, frame
+The Connection tests run it on gevent's loop over a real socket pair; the client side builds
+and parses frames with wsproto, as a browser would send them (masked).
+"""
+import json
+import socket
+import struct
+
+import gevent
+import gevent.socket
+import pytest
+import requests
+import websocket
+from geventwebsocket.websocket import Header
+from wsproto.frame_protocol import CloseReason, FrameProtocol, Opcode
+
+from flask_app.transport import Connection, frame
 
 
 @pytest.mark.parametrize("length", [0, 1, 125, 126, 65535, 65536])
@@ -15,70 +27,213 @@ def test_frames_match_gevent_websocket(length, kind):
     assert frame(message) == Header.encode_header(True, opcode, b"", length, 0) + payload
 
 
-class FakeEngineSocket:
-    """Stands in for python-engineio's Socket: only its queue is used."""
+class CountingSocket:
+    """The server's end of the pair, counting its send() calls."""
 
-    def __init__(self):
-        self.queue = BatchingQueue()
+    def __init__(self, sock):
+        self.sock = sock
+        self.sends = 0
 
-    def handler(self, ws):
-        return []
+    def send(self, data):
+        self.sends += 1
+        return self.sock.send(data)
 
-
-class FakeGeventWebSocket:
-    """Records raw writes instead of sending them."""
-
-    version = path = origin = protocol = None
-    closed = False
-
-    def __init__(self):
-        self.writes = []
-
-    def raw_write(self, data):
-        self.writes.append(data)
+    def __getattr__(self, name):
+        return getattr(self.sock, name)
 
 
-def make_websocket():
-    engine_socket = FakeEngineSocket()
-    ws = BatchingWebSocket(engine_socket.handler, server=None)
-    raw = FakeGeventWebSocket()
-    ws({"wsgi.websocket": raw}, None)
-    return engine_socket, ws, raw
+class Peer:
+    """A Connection on one end of a socket pair and a masking client on the other."""
+
+    def __init__(self, max_message=1 << 20, max_buffered=1 << 20, server_sndbuf=None,
+                 client_rcvbuf=None):
+        server, client = socket.socketpair()
+        if server_sndbuf:
+            server.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, server_sndbuf)
+        if client_rcvbuf:
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, client_rcvbuf)
+        server.setblocking(False)
+        self.server = CountingSocket(server)
+        self.client = gevent.socket.socket(fileno=client.detach())
+        self.messages, self.closes = [], []
+        self.connection = Connection(self.server, self.messages.append, self.closes.append,
+                                     max_message=max_message, max_buffered=max_buffered)
+        self.connection.start()
+        self.protocol = FrameProtocol(client=True, extensions=[])
+
+    def write(self, data, chunk=None):
+        chunk = chunk or len(data)
+        for start in range(0, len(data), chunk):
+            self.client.sendall(data[start:start + chunk])
+            gevent.sleep(0.001)
+
+    def frames(self, count, timeout=5):
+        """The next `count` frames, each whole (wsproto hands big ones over in pieces)."""
+        got, part = [], None
+        with gevent.Timeout(timeout):
+            while len(got) < count:
+                for received in self.protocol.received_frames():
+                    if part is not None:
+                        received = received._replace(opcode=part.opcode,
+                                                     payload=part.payload + received.payload)
+                    part = None if received.frame_finished else received
+                    if part is None:
+                        got.append(received)
+                if len(got) < count:
+                    data = self.client.recv(65536)
+                    if not data:
+                        break
+                    self.protocol.receive_bytes(data)
+        return got
+
+    def read_to_end(self, timeout=5):
+        data = b""
+        with gevent.Timeout(timeout):
+            while chunk := self.client.recv(65536):
+                data += chunk
+        return data
 
 
-def test_the_writers_frames_go_out_in_one_write_when_it_waits_again():
-    engine_socket, ws, raw = make_websocket()
+def test_frames_sent_in_one_turn_of_the_loop_go_out_in_one_send():
+    peer = Peer()
     for n in range(3):
-        engine_socket.queue.put(f"42[\"message\",{n}]")
-
-    def writer():  # what python-engineio's writer does: poll, then send each packet
-        packets = [engine_socket.queue.get(timeout=1)]
-        while not engine_socket.queue.empty():
-            packets.append(engine_socket.queue.get(block=False))
-        for packet in packets:
-            ws.send(packet)
-        assert raw.writes == []  # nothing written while the batch is being built
-        with pytest.raises(gevent.queue.Empty):
-            engine_socket.queue.get(timeout=0.01)  # back to waiting: the batch goes out
-    gevent.spawn(writer).get(timeout=5)
-    assert raw.writes == [b"".join(frame(f"42[\"message\",{n}]") for n in range(3))]
+        peer.connection.send(frame(f"message {n}"))
+    assert peer.server.sends == 0  # nothing before the sender gives the loop a turn
+    received = peer.frames(3)
+    assert [f.payload for f in received] == ["message 0", "message 1", "message 2"]
+    assert peer.server.sends == 1
 
 
-def test_sends_from_outside_the_writer_go_out_at_once():
-    _, ws, raw = make_websocket()
-    ws.send("3probe")  # the upgrade handshake answers before any writer exists
-    assert raw.writes == [frame("3probe")]
+def test_messages_arrive_whole_across_frames_and_reads():
+    peer = Peer()
+    data = (bytes(peer.protocol.send_data("héllo ", fin=False))
+            + bytes(peer.protocol.send_data("wör", fin=False))
+            + bytes(peer.protocol.send_data("ld", fin=True))
+            + bytes(peer.protocol.send_data(b"\x00\x01")))
+    peer.write(data, chunk=3)
+    gevent.sleep(0.05)
+    assert peer.messages == ["héllo wörld", b"\x00\x01"]
 
 
-def test_close_flushes_what_is_pending():
-    engine_socket, ws, raw = make_websocket()
-    closed = []
-    raw.close = lambda: closed.append(True)
+def test_a_ping_is_answered_with_its_payload():
+    peer = Peer()
+    peer.write(bytes(peer.protocol.ping(b"are you there")))
+    [pong] = peer.frames(1)
+    assert pong.opcode is Opcode.PONG and pong.payload == b"are you there"
 
-    def writer():
-        engine_socket.queue.put("2")
-        engine_socket.queue.get(timeout=1)  # becomes the writer
-        ws.send("4hello")
+
+def test_a_close_from_the_client_is_echoed_then_the_socket_closed():
+    peer = Peer()
+    peer.write(bytes(peer.protocol.close(CloseReason.GOING_AWAY, "bye")))
+    [echo] = peer.frames(1)
+    assert echo.opcode is Opcode.CLOSE and echo.payload[0] == CloseReason.GOING_AWAY
+    assert peer.read_to_end() == b""
+    assert peer.closes == ["closed"]
+
+
+def test_a_protocol_error_closes_with_its_code():
+    peer = Peer()
+    peer.write(b"\x81\x05hello")  # clients must mask their frames
+    [close] = peer.frames(1)
+    assert close.opcode is Opcode.CLOSE and close.payload[0] == CloseReason.PROTOCOL_ERROR
+    assert peer.messages == [] and peer.closes == ["closed"]
+
+
+def test_a_message_over_the_limit_closes_the_connection():
+    peer = Peer(max_message=100)
+    peer.write(bytes(peer.protocol.send_data("x" * 60, fin=False))
+               + bytes(peer.protocol.send_data("x" * 60, fin=True)))
+    [close] = peer.frames(1)
+    assert close.payload[0] == CloseReason.MESSAGE_TOO_BIG
+    assert peer.messages == [] and peer.closes == ["closed"]
+
+
+def test_what_the_kernel_does_not_take_goes_out_in_order_when_the_client_reads():
+    peer = Peer(max_buffered=8 << 20, server_sndbuf=4096, client_rcvbuf=4096)
+    sent = [frame(bytes([n]) * 60_000) for n in range(40)]  # 2.4 MB
+    for data in sent:
+        peer.connection.send(data)
+    gevent.sleep(0.01)
+    assert peer.server.sends >= 1 and peer.connection.buffered > 0  # the kernel is full
+    received = peer.frames(40, timeout=20)
+    assert [f.payload for f in received] == [bytes([n]) * 60_000 for n in range(40)]
+    assert peer.connection.buffered == 0 and peer.closes == []
+
+
+def test_a_client_that_stops_reading_is_disconnected():
+    peer = Peer(max_buffered=256 << 10, server_sndbuf=4096, client_rcvbuf=4096)
+    for _ in range(100):
+        peer.connection.send(frame("x" * 10_000))
+        gevent.sleep(0)
+        if peer.closes:
+            break
+    assert peer.closes == ["client too slow"]
+    assert peer.connection.closed
+
+
+def test_closing_sends_what_was_queued_then_the_close_frame():
+    peer = Peer()
+    peer.connection.send(frame("last words"))
+    peer.connection.close()
+    last, close = peer.frames(2)
+    assert last.payload == "last words" and close.opcode is Opcode.CLOSE
+    assert peer.read_to_end() == b""
+    assert peer.closes == ["closed"]
+
+
+def polling_session(worker):
+    url = worker.url + "/socket.io/"
+    handshake = requests.get(url, params={"EIO": "4", "transport": "polling"}, timeout=5)
+    sid = json.loads(handshake.text[1:])["sid"]
+    return url, {"EIO": "4", "transport": "polling", "sid": sid}
+
+
+def test_an_upgrade_from_polling_carries_the_session_over(workers):
+    worker = workers[0]
+    url, poll = polling_session(worker)
+    assert requests.post(url, params=poll, data="40" + json.dumps({"token": worker.token("up")}),
+                         timeout=5).ok
+    assert requests.get(url, params=poll, timeout=5).text.startswith("40{")
+    ws = websocket.create_connection(
+        worker.url.replace("http", "ws") + f"/socket.io/?EIO=4&transport=websocket&sid={poll['sid']}",
+        timeout=5)
+    try:
+        ws.send("2probe")
+        assert ws.recv() == "3probe"
+        assert requests.get(url, params=poll, timeout=5).text == "6"  # the poll is told to stop
+        ws.send("5")
+        ws.send('421["join",{"room":"upgraded"}]')
+        answer = ws.recv()
+        while not answer.startswith("431"):
+            answer = ws.recv()
+        assert json.loads(answer[3:])[0]["ok"] is True
+    finally:
         ws.close()
-    gevent.spawn(writer).get(timeout=5)
-    assert raw.writes == [frame("4hello")] and closed == [True]
+
+
+def test_a_failed_upgrade_leaves_the_polling_session_working(workers):
+    worker = workers[0]
+    url, poll = polling_session(worker)
+    ws = websocket.create_connection(
+        worker.url.replace("http", "ws") + f"/socket.io/?EIO=4&transport=websocket&sid={poll['sid']}",
+        timeout=5)
+    ws.send("not a probe")
+    with pytest.raises((websocket.WebSocketConnectionClosedException, ConnectionError, OSError)):
+        for _ in range(5):
+            if not ws.recv():
+                raise ConnectionError("closed")
+    ws.close()
+    assert requests.post(url, params=poll, data="40" + json.dumps({"token": worker.token("poll")}),
+                         timeout=5).ok
+    assert requests.get(url, params=poll, timeout=5).text.startswith("40{")
+
+
+def test_an_undecodable_packet_closes_its_websocket_with_1008(workers):
+    ws = websocket.create_connection(
+        workers[0].url.replace("http", "ws") + "/socket.io/?EIO=4&transport=websocket", timeout=5)
+    assert ws.recv().startswith("0{")
+    ws.send("not an engine.io packet")
+    opcode, data = ws.recv_data(control_frame=True)
+    assert opcode == websocket.ABNF.OPCODE_CLOSE
+    assert struct.unpack("!H", data[:2])[0] == CloseReason.POLICY_VIOLATION
+    ws.close()
