@@ -32,6 +32,8 @@ def create_app(config=None):
         client_manager=ChatRedisManager(config.redis_url, config.channel, services.store,
                                         services.metrics),
         json=jsonio,
+        # each connection's packets are handled in order by one greenlet (engine.ChatSocket)
+        async_handlers=False,
         cors_allowed_origins=config.cors_allowed_origins,
         max_http_buffer_size=config.max_payload,
         max_send_buffer=config.max_send_buffer,

@@ -5,6 +5,7 @@ python-engineio closes a session that sent a malformed polling packet by waiting
 to drain its queue, which may never come (the request then hangs), and answers 500 to a
 request for a session that has just closed. Both are a client's fault and get a 400 here.
 """
+import collections
 import logging
 import time
 
@@ -34,12 +35,13 @@ class ChatSocket(Socket):
     """An Engine.IO session whose WebSocket is a transport.Connection and whose pings are timers.
 
     Polling works as in python-engineio. A WebSocket, opened directly or as an upgrade,
-    is served by the loop: sends are queued on the connection, packets received are
-    handled as python-engineio's reader would (each message in its own greenlet).
+    is served by the loop: sends are queued on the connection; packets received are
+    handled in order, by a greenlet that lives while there are some.
     """
 
     websocket = None  # the transport.Connection, once one is opened
     ping_timer = None
+    inbox = None  # packets received and not yet handled
 
     def send(self, pkt):
         if self.websocket is None or not self.upgraded:
@@ -119,20 +121,31 @@ class ChatSocket(Socket):
                 self.websocket.send(_frame_of(pkt))
 
     def _on_message(self, data):
-        try:
-            pkt = packet.Packet(encoded_packet=data)
-        except Exception as exc:
-            log.info("%s: undecodable packet, closing: %s", self.sid, exc)
-            self.websocket.close(CloseReason.POLICY_VIOLATION)
-            return
-        if pkt.packet_type == packet.CLOSE:
-            self.server.start_background_task(self.close, wait=False, abort=True,
-                                              reason=self.server.reason.CLIENT_DISCONNECT)
-            return
-        try:
-            self.receive(pkt)  # a message starts its own greenlet; nothing here blocks
-        except engineio.exceptions.UnknownPacketError:
-            pass
+        """Queue a packet from the loop; one greenlet at a time handles them, in order."""
+        if self.inbox is None:
+            self.inbox = collections.deque([data])
+            self.server.start_background_task(self._handle_inbox)
+        else:
+            self.inbox.append(data)
+
+    def _handle_inbox(self):
+        while self.inbox and not self.closed:
+            data = self.inbox.popleft()
+            try:
+                pkt = packet.Packet(encoded_packet=data)
+            except Exception as exc:
+                log.info("%s: undecodable packet, closing: %s", self.sid, exc)
+                self.websocket.close(CloseReason.POLICY_VIOLATION)
+                break
+            try:
+                self.receive(pkt)
+            except engineio.exceptions.UnknownPacketError:
+                pass
+            except Exception:
+                log.exception("%s: packet handling failed, closing", self.sid)
+                self.websocket.close(CloseReason.INTERNAL_ERROR)
+                break
+        self.inbox = None
 
     def _on_websocket_closed(self, reason):
         if not self.upgraded:  # the upgrade did not finish: polling goes on

@@ -1,6 +1,7 @@
 """Chatting across worker processes: delivery, order, history, dedup, presence."""
 import signal
 import threading
+import time
 
 import requests
 
@@ -126,6 +127,22 @@ def test_presence_is_cluster_wide_and_counts_users_not_tabs(workers, clients, ro
     left = bob.wait_for("presence", lambda got: len(got) >= 2)
     assert left[1] == {"room": room, "user": "alice", "state": "leave"}
     assert bob.call("join", {"room": room})["members"] == ["bob"]
+
+
+def test_a_clean_disconnect_is_announced_at_once(workers, clients, room):
+    w1, _ = workers
+    log_start = w1.log_path.stat().st_size
+    bob = clients("bob").connect(w1)
+    bob.join(room)
+    dave = clients("dave").connect(w1)
+    dave.join(room)
+    bob.wait_for("presence", lambda got: got)
+    dave.close()  # a Socket.IO DISCONNECT packet, then the transport closes
+    started = time.monotonic()
+    left = bob.wait_for("presence", lambda got: len(got) >= 2, timeout=5)
+    assert left[1] == {"room": room, "user": "dave", "state": "leave"}
+    assert time.monotonic() - started < 1.5  # not the 3 s presence expiry
+    assert "Traceback" not in w1.log_path.read_text()[log_start:]
 
 
 def test_members_of_a_dead_worker_expire(worker_factory, workers, clients, room):
