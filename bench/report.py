@@ -33,6 +33,8 @@ CONNECT_COLUMNS = [
     ("connect_per_s", "connects/s", "{:,.0f}", True),
     ("connect_p50_ms", "p50 ms", "{:.1f}", True),
     ("connect_p99_ms", "p99 ms", "{:.1f}", True),
+    ("cpu_us_per_connect", "server CPU us/connect", "{:,.0f}", True),
+    ("gen_cpu_s", "gen CPU s", "{:.1f}", False),
     ("connect_failed", "failed", "{:,.0f}", False),
 ]
 SUMMED = {"lost", "duplicated", "connect_failed"}

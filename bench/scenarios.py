@@ -125,9 +125,11 @@ def _connect(sc, stack, gens):
         plans[gen_of(sc, idx)].append({"idx": idx, "port": stack.ports[idx % 2],
                                        "name": f"u{idx}", "rooms": [room_of(sc, idx)]})
     per_gen = max(1, sc.concurrency // len(gens))
+    cpu0, gcpu0 = _cpu(stack, gens)
     answers = ask_all(gens, [{"op": "connect", "clients": plan, "concurrency": per_gen,
                               "timeout": 60} for plan in plans],
                       timeout=120 + sc.clients / 20)
+    cpu1, gcpu1 = _cpu(stack, gens)
     connected = sum(a["connected"] for a in answers)
     start = min(a["start"] for a in answers)
     end = max(a["end"] for a in answers)
@@ -147,6 +149,10 @@ def _connect(sc, stack, gens):
         "connect_per_s": round(connected / (end - start), 1) if end > start else None,
         "connect_p50_ms": _ms(stats.quantile_list(times, 50)),
         "connect_p99_ms": _ms(stats.quantile_list(times, 99)),
+        # server (workers + Redis) and generator CPU over the whole connect phase
+        "cpu_us_per_connect": (round(sum(cpu1[n] - cpu0[n] for n in cpu1) / connected * 1e6)
+                               if connected else None),
+        "gen_cpu_s": round(sum(b - a for a, b in zip(gcpu0, gcpu1)), 2),
         "_by_worker": {f"w{i}": by_port.get(port, 0) for i, port in enumerate(stack.ports)},
     }
 
