@@ -100,14 +100,11 @@ class ChatNamespace(socketio.Namespace):
         with self.metrics.redis_timer("join"):
             history_reply, presence_reply, _ = pipe.execute()
         history, missed_more = read_history(history_reply)
-        fresh, gone, members = read_presence(presence_reply)
+        gone, members = read_presence(presence_reply)
         self.server.manager.remember_delivered(room, history[-1]["id"] if history else since or "0-0")
         self.metrics.joins.inc()
         log.info("join", extra={"sid": sid, "user": conn.user, "room": room})
         self._announce_leaves(room, [], gone)
-        if fresh:
-            self.emit("presence", {"room": room, "user": conn.user, "state": "join"},
-                      room=room, skip_sid=sid)
         return {"ok": True, "room": room, "history": history, "missed_more": missed_more,
                 "members": members, "worker": self.config.worker_id}
 

@@ -2,7 +2,7 @@
 import logging
 import sys
 
-from pythonjsonlogger.json import JsonFormatter
+from pythonjsonlogger.orjson import OrjsonFormatter
 
 
 class WorkerFilter(logging.Filter):
@@ -20,7 +20,7 @@ class WorkerFilter(logging.Filter):
 def configure(worker_id, level="INFO"):
     """Send every log record to stdout as a JSON line (supervisord rotates the files)."""
     handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(JsonFormatter(
+    handler.setFormatter(OrjsonFormatter(
         "%(asctime)s %(levelname)s %(name)s %(message)s %(worker)s",
         rename_fields={"asctime": "ts", "levelname": "level", "name": "logger"}))
     handler.addFilter(WorkerFilter(worker_id))

@@ -13,6 +13,7 @@ import gevent
 log = logging.getLogger(__name__)
 
 SEPARATOR = "\x1f"
+ANNOUNCER_HOST_ID = "scalechat-presence"  # the host_id of the joins JOIN announces
 
 # Shared by every script: the time from Redis (one clock for all workers),
 # the look-up of a user's connections, and the removal of expired ones,
@@ -46,16 +47,24 @@ local function purge(expiry, index, now)
 end
 """
 
-# KEYS: expiry, index. ARGV: user, sid, ttl_ms.
-# Returns {fresh, users gone, every connection now in the room}: one round trip per join.
+# KEYS: expiry, index. ARGV: user, sid, ttl_ms, channel, room, ANNOUNCER_HOST_ID.
+# Returns {users gone, every connection now in the room}: one round trip per join. A user
+# new to the room is announced to its other members on the Socket.IO channel, as
+# python-socketio's pub/sub `emit` message, from a host_id no worker has (all deliver it).
 JOIN = _LIB + """
 local now = now_ms()
 local gone = purge(KEYS[1], KEYS[2], now)
-local fresh = has_user(KEYS[2], ARGV[1]) and 0 or 1
+local fresh = not has_user(KEYS[2], ARGV[1])
 local member = ARGV[1] .. SEP .. ARGV[2]
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), member)
 redis.call('ZADD', KEYS[2], 0, member)
-return {fresh, gone, redis.call('ZRANGE', KEYS[2], 0, -1)}
+if fresh then
+  redis.call('PUBLISH', ARGV[4], cjson.encode({
+    method = 'emit', event = 'presence', namespace = '/', room = ARGV[5],
+    data = {{room = ARGV[5], user = ARGV[1], state = 'join'}},
+    skip_sid = ARGV[2], host_id = ARGV[6]}))
+end
+return {gone, redis.call('ZRANGE', KEYS[2], 0, -1)}
 """
 
 # KEYS: expiry, index. ARGV: user, sid. Returns {absent, gone...}.
@@ -100,10 +109,11 @@ class LocalConnection:
 class Presence:
     """Room membership: local connections here, every worker's in Redis."""
 
-    def __init__(self, redis, keys, ttl_seconds):
+    def __init__(self, redis, keys, ttl_seconds, channel):
         self.redis = redis
         self.keys = keys
         self.ttl_ms = ttl_seconds * 1000
+        self.channel = channel
         self.local = {}
         self._leave = redis.register_script(LEAVE)
         self._heartbeat = redis.register_script(HEARTBEAT)
@@ -124,17 +134,18 @@ class Presence:
     def join(self, pipe, sid, room):
         """Queue on `pipe` a connection joining a room; return the reader of its reply.
 
-        The reader returns (the user was absent before, users gone, members).
+        The room's other members hear of the user if it was not there yet. The reader
+        returns (users gone, members).
         """
         conn = self.local[sid]
         # EVAL, not EVALSHA: redis-py checks a pipeline's scripts with SCRIPT EXISTS first
-        pipe.eval(JOIN, 2, *self._room_keys(room), conn.user, sid, self.ttl_ms)
+        pipe.eval(JOIN, 2, *self._room_keys(room), conn.user, sid, self.ttl_ms,
+                  self.channel, room, ANNOUNCER_HOST_ID)
 
         def read(reply):
-            fresh, gone, connections = reply
+            gone, connections = reply
             conn.rooms.add(room)
-            return (bool(fresh), [user for user in gone if user != conn.user],
-                    users_of(connections))
+            return [user for user in gone if user != conn.user], users_of(connections)
         return read
 
     def leave(self, sid, room):

@@ -36,7 +36,7 @@ class Services:
         return cls(config=config, redis=client,
                    tokens=Tokens(config.secret_key, config.token_ttl),
                    store=MessageStore(client, keys, config),
-                   presence=Presence(client, keys, config.presence_ttl),
+                   presence=Presence(client, keys, config.presence_ttl, config.channel),
                    metrics=WorkerMetrics(config.worker_id))
 
 
