@@ -2,9 +2,9 @@
 import socketio
 from flask import Flask
 
-from . import api, health, jsonio, pages
+from . import api, auth, health, jsonio, pages
 from .config import Config
-from .engine import ChatServer
+from .engine import ChatPacket, ChatServer
 from .events import ChatNamespace
 from .manager import ChatRedisManager
 from .services import Services
@@ -25,12 +25,14 @@ def create_app(config=None):
         SESSION_COOKIE_SECURE=config.secure_cookies,
         SCALECHAT=config,
     )
+    app.session_interface = auth.SessionInterface()
     services = Services.from_config(config)
     app.extensions["scalechat"] = services
     sio = ChatServer(
         async_mode="gevent",
         client_manager=ChatRedisManager(config.redis_url, config.channel, services.store,
                                         services.metrics),
+        serializer=ChatPacket,
         json=jsonio,
         # each connection's packets are handled in order by one greenlet (engine.ChatSocket)
         async_handlers=False,

@@ -1,6 +1,7 @@
 """Who a request or a connection belongs to: signed tokens and the Flask session."""
 import itsdangerous
 from flask import session
+from flask.sessions import SecureCookieSessionInterface
 
 
 class Tokens:
@@ -25,6 +26,17 @@ class Tokens:
             return None
         user = data.get("user") if isinstance(data, dict) else None
         return user if isinstance(user, str) else None
+
+
+class SessionInterface(SecureCookieSessionInterface):
+    """Flask's signed-cookie session, with its signer built once instead of per request."""
+
+    signer = None
+
+    def get_signing_serializer(self, app):
+        if self.signer is None:
+            self.signer = super().get_signing_serializer(app)
+        return self.signer
 
 
 def bearer_token(authorization):

@@ -11,6 +11,7 @@ import time
 
 import engineio
 import gevent
+import orjson
 import socketio
 from engineio import packet
 from engineio.socket import Socket
@@ -192,6 +193,22 @@ class EngineServer(engineio.Server):
         except KeyError:  # the session closed while this request was on its way
             start_response("400 BAD REQUEST", [("Content-Type", "text/plain")])
             return [b"Session is closed"]
+
+
+class ChatPacket(socketio.packet.Packet):
+    """python-socketio's packet, asking orjson whether its data holds bytes.
+
+    python-socketio walks every argument in Python to find binary attachments: 84 us for a
+    join's ack with 50 messages of history. orjson refuses bytes, and answers in 3 us.
+    """
+
+    @classmethod
+    def data_is_binary(cls, data):
+        try:
+            orjson.dumps(data)
+        except TypeError:  # bytes, or a type orjson does not know: walk it
+            return socketio.packet.Packet.data_is_binary(data)
+        return False
 
 
 class ChatServer(socketio.Server):

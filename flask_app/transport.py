@@ -266,7 +266,10 @@ class TakenWebSocket:
         if websocket is None:
             raise RuntimeError("scalechat needs gevent-websocket's WebSocketHandler")
         self.sock, self.received = take_socket(websocket.handler)
-        websocket.closed = True  # not gevent-websocket's to close any more
+        # Not gevent-websocket's to close any more; without its handler, the close() it
+        # calls again when collected stops at once (it would build a class twice).
+        websocket.closed = True
+        websocket.handler = None
         # the session keeps the environ: let go of the request's 8 KB read buffer
         environ["wsgi.input"] = io.BytesIO()
         return self.handler(self)

@@ -51,3 +51,17 @@ def test_bad_settings_name_their_variable(env, variable):
     with pytest.raises(ConfigError, match=variable):
         Config.from_env(env)
 
+
+
+@pytest.mark.parametrize("data", [
+    ["message", {"history": [{"id": "1-0", "text": "hi"}], "members": ["a", "b"]}],
+    ["file", {"name": "a.bin", "content": b"\x00\xff"}],
+    ["nested", [[[b"deep"]]]],
+])
+def test_chat_packets_find_binary_data_as_python_socketio_does(data):
+    from socketio.packet import EVENT, Packet
+
+    from flask_app.engine import ChatPacket
+    ours, theirs = ChatPacket(EVENT, data=data), Packet(EVENT, data=data)
+    assert ours.packet_type == theirs.packet_type and ours.attachment_count == theirs.attachment_count
+    assert ours.encode() == theirs.encode()
