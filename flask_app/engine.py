@@ -32,6 +32,14 @@ def _frame_of(pkt):
     return _last_frame[1]
 
 
+def _packet_type(data):
+    """The type of an encoded Engine.IO packet, or None if it is not one."""
+    try:
+        return packet.Packet(encoded_packet=data).packet_type
+    except Exception:
+        return None
+
+
 class ChatSocket(Socket):
     """An Engine.IO session whose WebSocket is a transport.Connection and whose pings are timers.
 
@@ -92,20 +100,19 @@ class ChatSocket(Socket):
         return []
 
     def _on_probe(self, data):
-        pkt = packet.Packet(encoded_packet=data)
-        if pkt.packet_type == packet.PING and pkt.data == "probe":
+        if _packet_type(data) == packet.PING and data[1:] == "probe":
             self.websocket.send(transport.frame(packet.Packet(packet.PONG, data="probe").encode()))
             self.queue.put(packet.Packet(packet.NOOP))  # ends the poll in flight
             self.websocket.on_message = self._on_upgrade
         else:
-            self._fail_upgrade(f"no PING probe but {data!r}")
+            self._fail_upgrade(f"no PING probe but {data!r:.40}")
 
     def _on_upgrade(self, data):
-        if packet.Packet(encoded_packet=data).packet_type == packet.UPGRADE:
+        if _packet_type(data) == packet.UPGRADE:
             self.upgrading = False
             self._upgraded()
         else:
-            self._fail_upgrade(f"no UPGRADE but {data!r}")
+            self._fail_upgrade(f"no UPGRADE but {data!r:.40}")
 
     def _fail_upgrade(self, why):
         log.info("%s: websocket upgrade failed: %s", self.sid, why)
