@@ -15,6 +15,7 @@ import websocket
 from geventwebsocket.websocket import Header
 from wsproto.frame_protocol import CloseReason, FrameProtocol, Opcode
 
+from conftest import wait_until
 from flask_app.transport import Connection, frame
 
 
@@ -237,3 +238,37 @@ def test_an_undecodable_packet_closes_its_websocket_with_1008(workers):
     assert opcode == websocket.ABNF.OPCODE_CLOSE
     assert struct.unpack("!H", data[:2])[0] == CloseReason.POLICY_VIOLATION
     ws.close()
+
+
+def test_a_client_that_stops_reading_is_dropped_and_the_room_goes_on(worker_factory, clients, room):
+    worker = worker_factory("slowpoke", SCALECHAT_MAX_SEND_BUFFER="65536")
+    stalled = websocket.create_connection(
+        worker.url.replace("http", "ws") + "/socket.io/?EIO=4&transport=websocket", timeout=10,
+        sockopt=((socket.SOL_SOCKET, socket.SO_RCVBUF, 4096),))
+    assert stalled.recv().startswith("0{")
+    stalled.send("40" + json.dumps({"token": worker.token("stalled")}))
+    assert stalled.recv().startswith("40{")
+    stalled.send('421["join",{"room":"%s"}]' % room)
+    assert stalled.recv().startswith("431")
+    reader, sender = clients("reader").connect(worker), clients("sender").connect(worker)
+    reader.join(room)
+    sender.join(room)
+    sent, acks = 0, []
+    while "websocket dropped" not in worker.log_path.read_text():
+        assert sent < 5000, "10 MB sent and the client that reads nothing is still served"
+        for _ in range(200):  # 2 KB each; the kernel takes up to its send buffer (4 MB) first
+            sender.sio.emit("message", {"room": room, "text": f"{sent:04d}" + "x" * 1990,
+                                        "client_id": f"c{sent}"}, callback=acks.append)
+            sent += 1
+        reader.wait_for("message", lambda got: len(got) == sent, timeout=30)
+    wait_until(lambda: len(acks) == sent, what="every ack")
+    assert all(ack["ok"] for ack in acks)
+    received = 0
+    with pytest.raises((websocket.WebSocketConnectionClosedException, ConnectionError)):
+        while True:  # what the kernel held, then the end of the connection
+            opcode, _ = stalled.recv_data(control_frame=True)
+            if opcode == websocket.ABNF.OPCODE_CLOSE:
+                raise ConnectionError("closed by the server")
+            received += 1
+    assert received < sent
+    stalled.close()
