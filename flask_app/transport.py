@@ -245,6 +245,10 @@ def take_socket(request):
         received = b""
     sock = _socket.socket(fileno=gsock.detach())
     sock.setblocking(False)
+    if sock.family in (_socket.AF_INET, _socket.AF_INET6):
+        # Frames go out as soon as they are written: an ack followed by a broadcast must not
+        # wait for the client's delayed ACK of the first (Nagle's algorithm: 40 ms here).
+        sock.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, 1)
     return sock, bytes(received)
 
 

@@ -16,7 +16,7 @@ from geventwebsocket.websocket import Header
 from wsproto.frame_protocol import CloseReason, FrameProtocol, Opcode
 
 from conftest import wait_until
-from flask_app.transport import Connection, frame
+from flask_app.transport import Connection, frame, take_socket
 
 
 @pytest.mark.parametrize("length", [0, 1, 125, 126, 65535, 65536])
@@ -180,6 +180,27 @@ def test_closing_sends_what_was_queued_then_the_close_frame():
     assert last.payload == "last words" and close.opcode is Opcode.CLOSE
     assert peer.read_to_end() == b""
     assert peer.closes == ["closed"]
+
+
+def test_a_taken_socket_sends_without_delay_and_keeps_what_was_read_ahead():
+    listener = gevent.socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    client = gevent.socket.create_connection(listener.getsockname())
+    server, _ = listener.accept()
+    client.sendall(b"early bytes")
+    gevent.sleep(0.05)
+
+    class Request:  # what take_socket uses of gevent-websocket's request handler
+        socket = server
+        rfile = server.makefile("rb")
+    Request.rfile.read(6)  # "early " consumed by the HTTP parser, the rest buffered
+    sock, received = take_socket(Request)
+    assert received == b"bytes"
+    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+    sock.close()
+    client.close()
+    listener.close()
 
 
 def polling_session(worker):
