@@ -243,8 +243,9 @@ def take_socket(request):
         received = request.rfile.peek()
     except OSError:
         received = b""
-    sock = _socket.socket(fileno=gsock.detach())
-    sock.setblocking(False)
+    # family, type and proto given, and the fd already non-blocking: no system call here
+    sock = _socket.socket(gsock.family, gsock.type | _socket.SOCK_NONBLOCK, gsock.proto,
+                          gsock.detach())
     if sock.family in (_socket.AF_INET, _socket.AF_INET6):
         # Frames go out as soon as they are written: an ack followed by a broadcast must not
         # wait for the client's delayed ACK of the first (Nagle's algorithm: 40 ms here).

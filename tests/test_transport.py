@@ -4,6 +4,7 @@ The Connection tests run it on gevent's loop over a real socket pair; the client
 and parses frames with wsproto, as a browser would send them (masked).
 """
 import json
+import os
 import socket
 import struct
 
@@ -198,6 +199,7 @@ def test_a_taken_socket_sends_without_delay_and_keeps_what_was_read_ahead():
     sock, received = take_socket(Request)
     assert received == b"bytes"
     assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+    assert sock.gettimeout() == 0.0 and not os.get_blocking(sock.fileno())
     sock.close()
     client.close()
     listener.close()
