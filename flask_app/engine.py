@@ -62,10 +62,13 @@ class ChatSocket(Socket):
         if self.last_ping:
             self.last_ping = None
             if self.ping_timer is None:
-                self.ping_timer = gevent.get_hub().loop.timer(self.server.ping_interval)
-            self.ping_timer.start(self._ping)
+                interval = self.server.ping_interval
+                self.ping_timer = gevent.get_hub().loop.timer(interval, interval)
+            # again(), not start(): libev restarts a timer that has fired with its time left (0)
+            self.ping_timer.again(self._ping)
 
     def _ping(self):
+        self.ping_timer.stop()  # one ping per pong: schedule_ping starts it again
         if not self.closing and not self.closed:
             self.last_ping = time.time()
             self.send(packet.Packet(packet.PING))

@@ -7,6 +7,7 @@ import json
 import os
 import socket
 import struct
+import time
 
 import gevent
 import gevent.socket
@@ -295,3 +296,20 @@ def test_a_client_that_stops_reading_is_dropped_and_the_room_goes_on(worker_fact
             received += 1
     assert received < sent
     stalled.close()
+
+
+def test_pings_keep_their_interval_when_every_pong_comes_at_once():
+    from flask_app.engine import ChatSocket, EngineServer
+    server = EngineServer(max_send_buffer=1 << 20, async_mode="gevent", ping_interval=0.1)
+    eio_socket = ChatSocket(server, "sid")
+    pings = []
+
+    def send(pkt):  # the client answers every ping at once
+        pings.append(time.monotonic())
+        eio_socket.schedule_ping()
+    eio_socket.send = send
+    eio_socket.schedule_ping()
+    gevent.sleep(0.55)
+    eio_socket.close(wait=False, abort=True)
+    assert 4 <= len(pings) <= 6, pings
+    assert min(b - a for a, b in zip(pings, pings[1:])) >= 0.09
