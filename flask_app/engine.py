@@ -21,6 +21,7 @@ from . import transport
 
 log = logging.getLogger(__name__)
 
+INBOX_LIMIT = 128  # packets waiting to be handled before a connection stops being read
 _last_frame = (None, b"")  # a broadcast sends one Packet object to every member
 
 
@@ -138,6 +139,8 @@ class ChatSocket(Socket):
             self.server.start_background_task(self._handle_inbox)
         else:
             self.inbox.append(data)
+            if len(self.inbox) == INBOX_LIMIT:  # a client sending faster than it is served
+                self.websocket.pause()
 
     def _handle_inbox(self):
         while self.inbox and not self.closed:
@@ -157,6 +160,7 @@ class ChatSocket(Socket):
                 self.websocket.close(CloseReason.INTERNAL_ERROR)
                 break
         self.inbox = None
+        self.websocket.resume()
 
     def _on_websocket_closed(self, reason):
         if not self.upgraded:  # the upgrade did not finish: polling goes on

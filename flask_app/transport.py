@@ -119,6 +119,15 @@ class Connection:
             self.pending = True
             end_of_turn.add(self)
 
+    def pause(self):
+        """Stop reading: the kernel's buffers fill and TCP slows the client down."""
+        if self.reader is not None and not self.closing:
+            self.reader.stop()
+
+    def resume(self):
+        if self.reader is not None and not self.reader.active and not self.closing:
+            self.reader.start(self._readable)
+
     def close(self, code=CloseReason.NORMAL_CLOSURE, reason=None):
         """Send a close frame after what is queued, then close the socket."""
         if self.closing or self.closed:
@@ -223,7 +232,9 @@ class Connection:
             if received.message_finished and self.fragments is None:
                 message = received.payload
             else:
-                self.fragments = [*(self.fragments or ()), received.payload]
+                if self.fragments is None:
+                    self.fragments = []
+                self.fragments.append(received.payload)
                 if not received.message_finished:
                     return
                 parts, self.fragments = self.fragments, None

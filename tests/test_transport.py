@@ -118,6 +118,17 @@ def test_messages_arrive_whole_across_frames_and_reads():
     assert peer.messages == ["héllo wörld", b"\x00\x01"]
 
 
+def test_a_paused_connection_reads_nothing_until_resumed():
+    peer = Peer()
+    peer.connection.pause()
+    peer.write(bytes(peer.protocol.send_data("wait for me")))
+    gevent.sleep(0.05)
+    assert peer.messages == []
+    peer.connection.resume()
+    gevent.sleep(0.05)
+    assert peer.messages == ["wait for me"]
+
+
 def test_a_ping_is_answered_with_its_payload():
     peer = Peer()
     peer.write(bytes(peer.protocol.ping(b"are you there")))
@@ -313,3 +324,22 @@ def test_pings_keep_their_interval_when_every_pong_comes_at_once():
     eio_socket.close(wait=False, abort=True)
     assert 4 <= len(pings) <= 6, pings
     assert min(b - a for a, b in zip(pings, pings[1:])) >= 0.09
+
+
+def test_a_burst_of_events_is_answered_in_order(workers, room):
+    ws = websocket.create_connection(
+        workers[0].url.replace("http", "ws") + "/socket.io/?EIO=4&transport=websocket", timeout=10)
+    assert ws.recv().startswith("0{")
+    ws.send("40" + json.dumps({"token": workers[0].token("burst")}))
+    assert ws.recv().startswith("40{")
+    frames = [websocket.ABNF.create_frame(f'42{n}["history",{{"room":"{room}"}}]',
+                                          websocket.ABNF.OPCODE_TEXT).format()
+              for n in range(400)]  # more than a connection queues before it stops reading
+    ws.sock.sendall(b"".join(frames))
+    acks = []
+    while len(acks) < 400:
+        packet = ws.recv()
+        if packet.startswith("43"):
+            acks.append(int(packet[2:packet.index("[")]))
+    assert acks == list(range(400))
+    ws.close()
