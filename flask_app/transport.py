@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 TEXT, BINARY = 0x81, 0x82  # FIN + opcode
 READ, WRITE = 1, 2  # libev's event masks
 CLOSE_TIMEOUT = 5.0  # seconds a closing connection may take to take its last frames
+BUSY_FLUSHES, BUSY_WINDOW = 8, 0.02  # this many flushes in this many seconds: a busy socket
 
 _read_buffer = bytearray(65536)  # one for the process: reads never overlap in the loop
 _read_view = memoryview(_read_buffer)
@@ -75,12 +76,48 @@ class _EndOfTurn:
 end_of_turn = _EndOfTurn()
 
 
+class _Busy:
+    """The sockets written to continuously, whose small frames the kernel may merge.
+
+    A WebSocket has TCP_NODELAY so that a frame never waits for the ACK of the one before
+    (the client may delay it 40 ms). A socket written to BUSY_FLUSHES times in BUSY_WINDOW
+    (one member of a busy room) has Nagle's algorithm turned back on: the kernel then merges
+    its frames into fewer segments, each of which costs about as much CPU as a frame. Once it
+    has been quiet for BUSY_WINDOW it gets TCP_NODELAY again, which sends anything held.
+    """
+
+    def __init__(self):
+        self.connections = set()
+        self.timer = None
+
+    def add(self, connection):
+        connection.set_nodelay(False)
+        self.connections.add(connection)
+        if self.timer is None:
+            self.timer = gevent.get_hub().loop.timer(BUSY_WINDOW, BUSY_WINDOW)
+            self.timer.start(self.sweep)
+
+    def sweep(self):
+        now = gevent.get_hub().loop.now()
+        for connection in list(self.connections):
+            if connection.closed or now - connection.last_flush >= BUSY_WINDOW:
+                self.connections.discard(connection)
+                connection.set_nodelay(True)
+        if not self.connections:
+            self.timer.stop()
+            self.timer = None
+
+
+busy = _Busy()
+
+
 class Connection:
     """One server-side WebSocket on a non-blocking socket, driven by loop callbacks."""
 
     __slots__ = ("sock", "on_message", "on_close", "max_message", "max_buffered", "protocol",
                  "fragments", "size", "out", "buffered", "pending", "closing", "closed",
-                 "reader", "writer", "timer")
+                 "reader", "writer", "timer", "nodelay", "flushes", "window_start",
+                 "last_flush")
 
     def __init__(self, sock, on_message, on_close, max_message, max_buffered):
         self.sock = sock
@@ -97,6 +134,9 @@ class Connection:
         self.closing = False
         self.closed = False
         self.reader = self.writer = self.timer = None
+        self.nodelay = True  # as take_socket leaves it
+        self.flushes = 0
+        self.window_start = self.last_flush = 0.0
 
     def start(self, received=b""):
         """Serve the connection from now on; `received` are bytes already read from it."""
@@ -160,10 +200,25 @@ class Connection:
         self.sock.close()
         self.on_close(reason)
 
+    def set_nodelay(self, on):
+        if on != self.nodelay and not self.closed:
+            self.nodelay = on
+            try:
+                self.sock.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, on)
+            except OSError:
+                pass  # not TCP, or already gone
+
     def flush(self):
         self.pending = False
         if self.closed or not self.out or (self.writer is not None and self.writer.active):
             return  # a full kernel buffer: the write watcher will flush
+        now = gevent.get_hub().loop.now()
+        if now - self.window_start > BUSY_WINDOW:
+            self.window_start, self.flushes = now, 0
+        self.flushes += 1
+        self.last_flush = now
+        if self.flushes == BUSY_FLUSHES and self.nodelay:
+            busy.add(self)
         data = self.out[0] if len(self.out) == 1 else b"".join(self.out)
         try:
             sent = self.sock.send(data)

@@ -18,7 +18,7 @@ from geventwebsocket.websocket import Header
 from wsproto.frame_protocol import CloseReason, FrameProtocol, Opcode
 
 from conftest import wait_until
-from flask_app.transport import Connection, frame, take_socket
+from flask_app.transport import BUSY_FLUSHES, BUSY_WINDOW, Connection, frame, take_socket
 
 
 @pytest.mark.parametrize("length", [0, 1, 125, 126, 65535, 65536])
@@ -195,26 +195,57 @@ def test_closing_sends_what_was_queued_then_the_close_frame():
     assert peer.closes == ["closed"]
 
 
-def test_a_taken_socket_sends_without_delay_and_keeps_what_was_read_ahead():
+def taken_tcp_socket(early=b""):
+    """A TCP connection's server end taken as a WebSocket's is, and its client end."""
     listener = gevent.socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen()
     client = gevent.socket.create_connection(listener.getsockname())
     server, _ = listener.accept()
-    client.sendall(b"early bytes")
+    listener.close()
+    client.sendall(early)
     gevent.sleep(0.05)
 
     class Request:  # what take_socket uses of gevent-websocket's request handler
         socket = server
         rfile = server.makefile("rb")
-    Request.rfile.read(6)  # "early " consumed by the HTTP parser, the rest buffered
+    Request.rfile.read(min(6, len(early)))  # consumed by the HTTP parser, the rest buffered
     sock, received = take_socket(Request)
+    return sock, received, client
+
+
+def nodelay(sock):
+    return bool(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+
+
+def test_a_taken_socket_sends_without_delay_and_keeps_what_was_read_ahead():
+    sock, received, client = taken_tcp_socket(early=b"early bytes")
     assert received == b"bytes"
-    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+    assert nodelay(sock)
     assert sock.gettimeout() == 0.0 and not os.get_blocking(sock.fileno())
     sock.close()
     client.close()
-    listener.close()
+
+
+def test_a_busy_socket_lets_the_kernel_merge_frames_until_it_goes_quiet():
+    sock, _, client = taken_tcp_socket()
+    connection = Connection(sock, print, print, max_message=1 << 20, max_buffered=1 << 20)
+    connection.start()
+    for n in range(BUSY_FLUSHES - 1):
+        connection.send(frame(f"message {n}"))
+        gevent.sleep(0)  # one turn of the loop: one flush
+    assert nodelay(sock)  # not busy yet
+    connection.send(frame("one more"))
+    gevent.sleep(0)
+    assert not nodelay(sock)  # busy: Nagle's algorithm may merge its frames
+    gevent.sleep(BUSY_WINDOW * 3)
+    assert nodelay(sock)  # quiet again: whatever was held has been sent
+    data = b""
+    with gevent.Timeout(5):
+        while not data.endswith(frame("one more")):
+            data += client.recv(65536)
+    connection.abort("done")
+    client.close()
 
 
 def polling_session(worker):
