@@ -11,7 +11,9 @@ is taken from the request's greenlet, which then ends:
 - writes: the frames sent to a connection during one turn of the loop go out together in
   one send() when the turn ends, so a broadcast costs one system call per member and adds
   no delay. What the kernel does not take waits for a write watcher; a client that stops
-  reading is disconnected once `max_buffered` bytes wait for it.
+  reading is disconnected once `max_buffered` bytes wait for it. Sockets have TCP_NODELAY,
+  except while they are written to continuously (see `_Busy`);
+- flow control: the owner may `pause()` reading, and TCP then slows the client down.
 
 Callbacks run in the loop itself, where nothing may block: `on_message` and `on_close`
 hand blocking work to a greenlet.

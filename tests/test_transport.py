@@ -229,7 +229,9 @@ def test_a_taken_socket_sends_without_delay_and_keeps_what_was_read_ahead():
 
 def test_a_busy_socket_lets_the_kernel_merge_frames_until_it_goes_quiet():
     sock, _, client = taken_tcp_socket()
-    connection = Connection(sock, print, print, max_message=1 << 20, max_buffered=1 << 20)
+    received = []
+    connection = Connection(sock, received.append, received.append, max_message=1 << 20,
+                            max_buffered=1 << 20)
     connection.start()
     for n in range(BUSY_FLUSHES - 1):
         connection.send(frame(f"message {n}"))
