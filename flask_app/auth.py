@@ -1,15 +1,29 @@
 """Who a request or a connection belongs to: signed tokens and the Flask session."""
 import itsdangerous
+import orjson
 from flask import session
 from flask.sessions import SecureCookieSessionInterface
+from itsdangerous.encoding import base64_encode
+
+from . import jsonio
+
+
+class TokenSerializer(itsdangerous.URLSafeTimedSerializer):
+    """itsdangerous' URL-safe timed tokens, without trying zlib on a payload too short for it.
+
+    The tokens are the same bytes (compact JSON, base64, timestamp, HMAC), so a worker of
+    either kind reads the other's; only the zlib attempt on each issue is skipped.
+    """
+
+    def dump_payload(self, obj):
+        return base64_encode(orjson.dumps(obj))
 
 
 class Tokens:
     """Signed, expiring tokens naming a user, for clients that are not browsers."""
 
     def __init__(self, secret_key, ttl_seconds):
-        self.serializer = itsdangerous.URLSafeTimedSerializer(
-            secret_key, salt="scalechat.token")
+        self.serializer = TokenSerializer(secret_key, salt="scalechat.token", serializer=jsonio)
         self.ttl = ttl_seconds
 
     def issue(self, user):
@@ -29,9 +43,18 @@ class Tokens:
 
 
 class SessionInterface(SecureCookieSessionInterface):
-    """Flask's signed-cookie session, with its signer built once instead of per request."""
+    """Flask's signed-cookie session, with its signer built once instead of per request.
+
+    A request without cookies (API clients, a first visit) gets an empty session without
+    parsing any: most requests to a chat worker are those.
+    """
 
     signer = None
+
+    def open_session(self, app, request):
+        if "HTTP_COOKIE" not in request.environ:
+            return self.session_class()
+        return super().open_session(app, request)
 
     def get_signing_serializer(self, app):
         if self.signer is None:

@@ -1,7 +1,9 @@
-"""Pure logic: input validation and configuration from the environment."""
+"""Pure logic: input validation, configuration from the environment, tokens, packets."""
+import itsdangerous
 import pytest
 
 from flask_app import validation
+from flask_app.auth import Tokens
 from flask_app.config import Config, ConfigError
 
 
@@ -65,3 +67,12 @@ def test_chat_packets_find_binary_data_as_python_socketio_does(data):
     ours, theirs = ChatPacket(EVENT, data=data), Packet(EVENT, data=data)
     assert ours.packet_type == theirs.packet_type and ours.attachment_count == theirs.attachment_count
     assert ours.encode() == theirs.encode()
+
+
+def test_tokens_read_and_are_read_by_itsdangerous_own_serializer():
+    tokens = Tokens("key", ttl_seconds=60)
+    plain = itsdangerous.URLSafeTimedSerializer("key", salt="scalechat.token")
+    issued = tokens.issue("zoë")
+    assert plain.loads(issued) == {"user": "zoë"}
+    assert tokens.verify(plain.dumps({"user": "zoë"})) == "zoë"
+    assert tokens.verify(issued[:-2] + "xx") is None
