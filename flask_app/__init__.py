@@ -18,6 +18,7 @@ def create_app(config=None):
     if not isinstance(config, Config):
         config = Config.from_env(**(config or {}))
     app = Flask(__name__)
+    app.json = jsonio.FlaskJSON(app)
     app.config.update(
         SECRET_KEY=config.secret_key,
         SESSION_COOKIE_HTTPONLY=True,

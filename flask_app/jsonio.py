@@ -1,5 +1,6 @@
-"""orjson behind the `dumps`/`loads` interface python-socketio and python-engineio call."""
+"""JSON through orjson: for python-socketio and python-engineio, and for Flask."""
 import orjson
+from flask.json.provider import JSONProvider
 
 
 def dumps(obj, **kwargs):
@@ -10,3 +11,13 @@ def dumps(obj, **kwargs):
 def loads(data, **kwargs):
     """Decode JSON text or bytes."""
     return orjson.loads(data)
+
+
+class FlaskJSON(JSONProvider):
+    """Flask's `request.get_json` and `jsonify` through orjson (`app.json`)."""
+
+    def dumps(self, obj, **kwargs):
+        return dumps(obj)
+
+    def loads(self, s, **kwargs):
+        return orjson.loads(s)
