@@ -30,4 +30,9 @@ def configure(worker_id, level="INFO"):
     # Each record would otherwise ask for the current thread, and under gevent every greenlet
     # that logs gets a dummy Thread object kept for its lifetime: ~1 KB per connection.
     logging.logThreads = False
+    # Nor look up the caller's frame, process and process name, which no line shows
+    # (the logging HOWTO's "Optimization" switches).
+    logging._srcfile = None
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     logging.getLogger("geventwebsocket.handler").setLevel(logging.WARNING)
