@@ -18,6 +18,7 @@ from engineio.socket import Socket
 from wsproto.frame_protocol import CloseReason
 
 from . import transport
+from .runners import Runners
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +137,7 @@ class ChatSocket(Socket):
         """Queue a packet from the loop; one greenlet at a time handles them, in order."""
         if self.inbox is None:
             self.inbox = collections.deque([data])
-            self.server.start_background_task(self._handle_inbox)
+            self.server.runners.spawn(self._handle_inbox)
         else:
             self.inbox.append(data)
             if len(self.inbox) == INBOX_LIMIT:  # a client sending faster than it is served
@@ -185,11 +186,13 @@ class EngineServer(engineio.Server):
     """Engine.IO server whose refusals never hang or answer 500, with loop-served WebSockets.
 
     `max_send_buffer`: bytes that may wait for a client before it is disconnected.
+    `runners` handle the sockets' packets, on greenlets reused from one burst to the next.
     """
 
     def __init__(self, max_send_buffer, **kwargs):
         super().__init__(**kwargs)
         self.max_send_buffer = max_send_buffer
+        self.runners = Runners()
         if self.async_mode == "gevent":
             self.sockets = _Sockets()
             self._async = {**self._async, "websocket": transport.TakenWebSocket}

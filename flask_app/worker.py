@@ -6,9 +6,10 @@ import signal
 from gevent import monkey, signal_handler
 from gevent.event import Event
 from gevent.pywsgi import WSGIServer
-from geventwebsocket.handler import WebSocketHandler
 
 from . import logs, metrics
+from .handler import ChatHandler
+from .runners import Runners
 
 log = logging.getLogger("scalechat.worker")
 
@@ -37,7 +38,8 @@ def run(application, config, start, drain, argv=None):
         raise SystemExit("scalechat-worker: sockets are not monkey-patched; "
                          "start it through wsgi.py (the scalechat-worker script)")
     server = WSGIServer((args.host, args.port), application,
-                        handler_class=WebSocketHandler, log=None, error_log=log)
+                        handler_class=ChatHandler, log=None, error_log=log,
+                        spawn=Runners().spawn)
     try:
         server.start()
     except OSError as exc:

@@ -1,0 +1,79 @@
+"""The worker's HTTP handler sends a small response's head and body in one send()."""
+import gevent
+import gevent.socket
+import pytest
+from gevent.pywsgi import WSGIServer
+
+from flask_app.handler import ONE_SEND_MAX, ChatHandler
+
+
+class Recorder:
+    """The connection's socket, recording what each sendall() carried."""
+
+    def __init__(self, sock, sent):
+        self.sock = sock
+        self.sent = sent
+
+    def sendall(self, data):
+        self.sent.append(bytes(data))
+        return self.sock.sendall(data)
+
+    def __getattr__(self, name):
+        return getattr(self.sock, name)
+
+
+def app(environ, start_response):
+    size = int(environ["PATH_INFO"].strip("/"))
+    if environ["QUERY_STRING"] == "chunked":  # no Content-Length: two chunks
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return (part * size for part in (b"a", b"b"))
+    start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(size))])
+    return [b"x" * size]
+
+
+@pytest.fixture
+def server():
+    sent = []
+
+    class Handler(ChatHandler):
+        def __init__(self, sock, *args, **kwargs):
+            super().__init__(Recorder(sock, sent), *args, **kwargs)
+
+    srv = WSGIServer(("127.0.0.1", 0), app, handler_class=Handler, log=None)
+    srv.start()
+    srv.sent = sent
+    yield srv
+    srv.stop()
+
+
+def get(server, path):
+    with gevent.Timeout(5), gevent.socket.create_connection(("127.0.0.1", server.server_port)) as s:
+        s.sendall(b"GET %s HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n" % path.encode())
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    return data
+
+
+def test_a_small_body_goes_out_with_the_head(server):
+    response = get(server, "/300")
+    assert response.endswith(b"\r\n\r\n" + b"x" * 300)
+    assert server.sent == [response]
+
+
+def test_an_empty_body_sends_the_head_alone(server):
+    response = get(server, "/0")
+    assert response.startswith(b"HTTP/1.1 200") and response.endswith(b"\r\n\r\n")
+    assert server.sent == [response]
+
+
+def test_a_big_body_is_not_copied_behind_the_head(server):
+    response = get(server, f"/{ONE_SEND_MAX}")
+    assert [len(s) for s in server.sent] == [response.index(b"\r\n\r\n") + 4, ONE_SEND_MAX]
+
+
+def test_a_chunked_body_sends_its_first_chunk_with_the_head(server):
+    response = get(server, "/5?chunked")
+    assert response.endswith(b"\r\n\r\n5\r\naaaaa\r\n5\r\nbbbbb\r\n0\r\n\r\n")
+    assert len(server.sent) == 3  # head and first chunk, second chunk, last chunk
+    assert server.sent[0].endswith(b"\r\n\r\n5\r\naaaaa\r\n")
