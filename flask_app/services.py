@@ -9,6 +9,7 @@ from .config import Config
 from .keys import Keys
 from .metrics import WorkerMetrics
 from .presence import Presence
+from .redis_pool import blocking_pool
 from .store import MessageStore
 
 
@@ -27,10 +28,8 @@ class Services:
     @classmethod
     def from_config(cls, config):
         """Build every component; Redis is only connected on first use."""
-        pool = redis.BlockingConnectionPool.from_url(
-            config.redis_url, max_connections=config.redis_pool, timeout=5,
-            decode_responses=True, socket_connect_timeout=2, socket_timeout=5,
-            health_check_interval=30)
+        pool = blocking_pool(config.redis_url, config.redis_pool, decode_responses=True,
+                             socket_connect_timeout=2, socket_timeout=5, health_check_interval=30)
         client = redis.Redis(connection_pool=pool)
         keys = Keys(config.key_prefix)
         return cls(config=config, redis=client,
