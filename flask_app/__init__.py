@@ -32,7 +32,7 @@ def create_app(config=None):
     sio = ChatServer(
         async_mode="gevent",
         client_manager=ChatRedisManager(config.redis_url, config.channel, services.store,
-                                        services.metrics),
+                                        services.metrics, config.redis_pool),
         serializer=ChatPacket,
         json=jsonio,
         # each connection's packets are handled in order by one greenlet (engine.ChatSocket)

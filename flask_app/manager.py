@@ -13,8 +13,10 @@ import logging
 import time
 
 import gevent
+import redis
 import socketio
 
+from .redis_pool import blocking_pool
 from .store import STORE_HOST_ID, id_order
 
 log = logging.getLogger(__name__)
@@ -29,8 +31,9 @@ PONG_LIMIT = 5
 class ChatRedisManager(socketio.RedisManager):
     """RedisManager that tracks the last stored message delivered per room and fills gaps."""
 
-    def __init__(self, url, channel, store, metrics):
+    def __init__(self, url, channel, store, metrics, pool_size):
         super().__init__(url, channel=channel)
+        self.pool = blocking_pool(url, pool_size)
         self.store = store
         self.metrics = metrics
         self.last_delivered = {}
@@ -54,9 +57,18 @@ class ChatRedisManager(socketio.RedisManager):
                 pass  # the listener reconnects; until then no pong arrives
 
     def _redis_connect(self):
-        super()._redis_connect()
+        """Connect through a blocking pool, and give the last subscription's connection back.
+
+        python-socketio's own client has redis-py's default pool, which refuses the 101st
+        concurrent publish (a mass disconnect announcing its leaves); its retry then built a
+        new client and the old one's collection closed the listener's connection.
+        """
+        if self.pubsub is not None:
+            self.pubsub.close()
+        self.redis = redis.Redis(connection_pool=self.pool)
         # keep the subscribe confirmations: each one marks a (re)subscription
         self.pubsub = self.redis.pubsub()
+        self.connected = True
 
     def _listen(self):
         channel = self.channel.encode()

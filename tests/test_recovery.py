@@ -1,13 +1,19 @@
 """Recovery and protection: resuming after a reconnect, Redis outages, graceful stops, limits."""
+import json
 import signal
 import subprocess
 import time
 
 import pytest
+import redis
 import requests
 import socketio
+import websocket
 
 from conftest import BIN, RedisServer, free_port, wait_until
+from flask_app.redis_pool import blocking_pool
+
+CROWD = 400  # clients of one worker dropped at once: more than a Redis pool's 100
 
 
 def test_rejoin_since_returns_exactly_what_was_missed(workers, clients, room):
@@ -192,3 +198,57 @@ def test_a_burst_beyond_the_redis_pool_waits_instead_of_failing(worker_factory, 
                        callback=acks.append)
     wait_until(lambda: len(acks) == 40, what="every ack")
     assert all(ack["ok"] for ack in acks), [ack for ack in acks if not ack["ok"]][:3]
+
+
+def test_a_mass_disconnect_announces_every_leave_and_keeps_the_subscription(workers, clients,
+                                                                            room):
+    w1, _ = workers
+    log_start = w1.log_path.stat().st_size
+    bob = clients("bob").connect(w1)
+    bob.join(room)
+    crowd = []
+    url = w1.url.replace("http", "ws") + "/socket.io/?EIO=4&transport=websocket"
+    with requests.Session() as http:
+        for n in range(CROWD):
+            token = http.post(w1.url + "/api/session", json={"name": f"c{n}"}, timeout=5)
+            ws = websocket.create_connection(url, timeout=10)
+            ws.recv()
+            ws.send("40" + json.dumps({"token": token.json()["token"]}))
+            ws.recv()
+            ws.send("421" + json.dumps(["join", {"room": room}]))
+            crowd.append(ws)
+        for ws in crowd:  # every join acknowledged
+            while not ws.recv().startswith("431"):
+                pass
+    bob.wait_for("presence", lambda got: len(got) >= CROWD)
+    for ws in crowd:  # dropped at once, as when a proxy restarts
+        ws.shutdown()
+    left = bob.wait_for("presence", lambda got: len(got) >= 2 * CROWD, timeout=30)
+    assert sorted(p["user"] for p in left[CROWD:]) == sorted(f"c{n}" for n in range(CROWD))
+    log = w1.log_path.read_text()[log_start:]
+    assert "Cannot publish" not in log and "Cannot receive" not in log
+
+
+def test_pooled_connections_tell_unread_bytes_and_a_close_as_redis_py_does(redis_server):
+    pool = blocking_pool(redis_server.url, 1)
+    conn = pool.get_connection()
+    assert conn.can_read() is False
+    conn.send_command("CLIENT", "ID")
+    wait_until(conn.can_read, what="the reply waiting")
+    client_id = conn.read_response()
+    assert conn.can_read() is False
+    redis.Redis.from_url(redis_server.url).client_kill_filter(_id=client_id)
+    wait_until(lambda: _closed(conn), what="the close seen")
+    pool.release(conn)
+    fresh = pool.get_connection()  # the closed connection is replaced
+    fresh.send_command("PING")
+    assert fresh.read_response() == b"PONG"
+    pool.disconnect()
+
+
+def _closed(conn):
+    try:
+        conn.can_read()
+    except redis.ConnectionError:
+        return True
+    return False
