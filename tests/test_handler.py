@@ -1,10 +1,46 @@
-"""The worker's HTTP handler sends a small response's head and body in one send()."""
+"""The worker's HTTP handler reads headers as pywsgi does and sends a small response at once."""
+import io
+
 import gevent
 import gevent.socket
 import pytest
-from gevent.pywsgi import WSGIServer
+from gevent.pywsgi import WSGIServer, headers_factory
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from flask_app.handler import ONE_SEND_MAX, ChatHandler
+from flask_app.handler import MAX_HEADERS, MAX_LINE, ONE_SEND_MAX, ChatHandler, read_headers
+
+# lines made of what matters to a header parser, and lines of the usual form
+odd_lines = st.text(alphabet="Ab-: \t\r\n\x0b\x0c\x85\xffFrom", max_size=12)
+spaces = st.sampled_from(["", " ", "\t", " \t "])
+plain_lines = st.builds("{}:{}{}{}{}".format,
+                        st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=126),
+                                min_size=1, max_size=8),
+                        spaces,
+                        st.text(alphabet=st.characters(min_codepoint=9, max_codepoint=255,
+                                                       exclude_characters="\r\n"), max_size=12),
+                        spaces, st.sampled_from(["\r\n", "\n"]))
+heads = st.lists(st.one_of(odd_lines, plain_lines, plain_lines), max_size=8).map(
+    lambda lines: "".join(lines).encode("latin-1"))
+
+
+def parsed(message):
+    return message.status, message.get_unixfrom(), message.items()
+
+
+@settings(max_examples=500)
+@given(heads, st.sampled_from([b"\r\n", b"\n", b""]))
+def test_headers_are_read_as_pywsgi_reads_them(head, end):
+    ours, theirs = io.BytesIO(head + end + b"body"), io.BytesIO(head + end + b"body")
+    assert parsed(read_headers(ours)) == parsed(headers_factory(theirs))
+    assert ours.read() == theirs.read()
+
+
+def test_header_limits_are_http_clients():
+    assert parsed(read_headers(io.BytesIO(b"X: " + b"y" * MAX_LINE + b"\r\n\r\n")))[0] == \
+        "Line too long"
+    with pytest.raises(Exception, match="more than 100 headers"):
+        read_headers(io.BytesIO(b"X: y\r\n" * (MAX_HEADERS + 1) + b"\r\n"))
 
 
 class Recorder:
