@@ -11,8 +11,8 @@ is taken from the request's greenlet, which then ends:
 - writes: the frames sent to a connection during one turn of the loop go out together in
   one send() when the turn ends, so a broadcast costs one system call per member and adds
   no delay. What the kernel does not take waits for a write watcher; a client that stops
-  reading is disconnected once `max_buffered` bytes wait for it. Sockets have TCP_NODELAY,
-  except while they are written to continuously (see `_Busy`);
+  reading is disconnected once `max_buffered` bytes the kernel would not take wait for it.
+  Sockets have TCP_NODELAY, except while they are written to continuously (see `_Busy`);
 - flow control: the owner may `pause()` reading, and TCP then slows the client down.
 
 Callbacks run in the loop itself, where nothing may block: `on_message` and `on_close`
@@ -148,18 +148,26 @@ class Connection:
             self._received(received)
 
     def send(self, data):
-        """Queue whole frames; they go out when this turn of the loop ends."""
+        """Queue whole frames; they go out when this turn of the loop ends.
+
+        Only bytes the kernel would not take count against `max_buffered`: frames queued in
+        one turn (a page of pub/sub messages read at once) are no sign of a slow client.
+        """
         if self.closing or self.closed:
             return
         self.out.append(data)
         self.buffered += len(data)
+        if self.writer is not None and self.writer.active:  # the kernel's buffer is full
+            self._drop_if_behind()
+        elif not self.pending:
+            self.pending = True
+            end_of_turn.add(self)
+
+    def _drop_if_behind(self):
         if self.buffered > self.max_buffered:
             log.info("websocket dropped: %d bytes wait for a client that does not read",
                      self.buffered)
             self.abort("client too slow")
-        elif not self.pending:
-            self.pending = True
-            end_of_turn.add(self)
 
     def pause(self):
         """Stop reading: the kernel's buffers fill and TCP slows the client down."""
@@ -237,6 +245,9 @@ class Connection:
             return
         self.out = [data[sent:]]
         self.buffered = len(data) - sent
+        self._drop_if_behind()
+        if self.closed:
+            return
         if self.writer is None:
             self.writer = gevent.get_hub().loop.io(self.sock.fileno(), WRITE)
         if not self.writer.active:

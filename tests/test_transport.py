@@ -185,6 +185,15 @@ def test_a_client_that_stops_reading_is_disconnected():
     assert peer.connection.closed
 
 
+def test_a_burst_queued_in_one_turn_reaches_a_reading_client():
+    peer = Peer(max_buffered=64 << 10)
+    for n in range(100):  # 200 KB before the loop gets a turn, as from one pub/sub read
+        peer.connection.send(frame(f"{n:04d}" + "x" * 2000))
+    received = peer.frames(100)
+    assert [f.payload[:4] for f in received] == [f"{n:04d}" for n in range(100)]
+    assert peer.closes == []
+
+
 def test_closing_sends_what_was_queued_then_the_close_frame():
     peer = Peer()
     peer.connection.send(frame("last words"))
