@@ -54,6 +54,9 @@ class ChatHandler(WebSocketHandler):
     def MessageClass(self, fp, *args):  # noqa: N802 (pywsgi's name)
         return read_headers(fp)
 
+    def log_request(self):
+        """Write no access log: gevent-websocket formatted a line per request to drop it."""
+
     def _write_with_headers(self, data):
         self._holding = True
         try:
