@@ -27,11 +27,22 @@ class Parser(_HiredisParser):
         return super().can_read(timeout)
 
 
+class BlockingPool(redis.BlockingConnectionPool):
+    """redis-py's blocking pool, without the check for deprecated arguments on each draw.
+
+    redis-py 8 wraps get_connection in a decorator that collects and inspects the call's
+    arguments every time, about 1% of a worker's CPU when clients connect; none are passed.
+    """
+
+    get_connection = getattr(redis.BlockingConnectionPool.get_connection, "__wrapped__",
+                             redis.BlockingConnectionPool.get_connection)
+
+
 def blocking_pool(url, size, **options):
     """A pool of at most `size` connections to `url`; a command beyond them waits up to 5 s.
 
     redis-py's default pool refuses the command past its size instead, which a burst of
     handlers (a mass disconnect, a busy room) reaches.
     """
-    return redis.BlockingConnectionPool.from_url(url, max_connections=size, timeout=5,
-                                                 parser_class=Parser, **options)
+    return BlockingPool.from_url(url, max_connections=size, timeout=5, parser_class=Parser,
+                                 **options)
