@@ -98,7 +98,7 @@ class ChatNamespace(socketio.Namespace):
         read_presence = self.presence.join(pipe, sid, room)
         self.store.touch_room(pipe, room, time.time())
         with self.metrics.redis_timer("join"):
-            history_reply, presence_reply, _ = pipe.execute()
+            history_reply, presence_reply, *_ = pipe.execute()
         history, missed_more = read_history(history_reply)
         gone, members = read_presence(presence_reply)
         self.server.manager.remember_delivered(room, history[-1]["id"] if history else since or "0-0")

@@ -35,6 +35,10 @@ return {entries, first and first[1] or '0-0'}
 """
 
 
+TOUCH_EVERY = 1.0  # seconds between two records of a room's activity by one worker
+TOUCHED_MAX = 10_000  # rooms remembered before the record starts afresh
+
+
 class MessageStore:
     """The messages of every room, one bounded stream per room."""
 
@@ -43,6 +47,7 @@ class MessageStore:
         self.keys = keys
         self.config = config
         self._append = redis.register_script(APPEND_AND_PUBLISH)
+        self._touched = {}  # room -> when this worker last recorded activity there
 
     def append(self, room, user, text, client_id):
         """Store a message and broadcast it to the room; return (id, stored_now)."""
@@ -92,7 +97,16 @@ class MessageStore:
         return read
 
     def touch_room(self, pipe, room, now):
-        """Queue on `pipe` the record of activity in a room, for the lobby's list."""
+        """Queue on `pipe` the record of activity in a room, for the lobby's list.
+
+        At most once a second per room and worker: the lobby orders rooms by activity,
+        and a crowd joining one room need not rewrite its time for each of them.
+        """
+        if now - self._touched.get(room, 0) < TOUCH_EVERY:
+            return
+        if len(self._touched) >= TOUCHED_MAX:
+            self._touched.clear()
+        self._touched[room] = now
         pipe.zadd(self.keys.rooms(), {room: now})
 
     def recent_rooms(self, count):

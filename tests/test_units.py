@@ -1,10 +1,13 @@
 """Pure logic: input validation, configuration from the environment, tokens, packets."""
 import itsdangerous
 import pytest
+import redis
 
 from flask_app import validation
 from flask_app.auth import Tokens
 from flask_app.config import Config, ConfigError
+from flask_app.keys import Keys
+from flask_app.store import MessageStore
 
 
 @pytest.mark.parametrize("value", ["general", "a", "room-1_x", "0" * 64])
@@ -76,3 +79,20 @@ def test_tokens_read_and_are_read_by_itsdangerous_own_serializer():
     assert plain.loads(issued) == {"user": "zoë"}
     assert tokens.verify(plain.dumps({"user": "zoë"})) == "zoë"
     assert tokens.verify(issued[:-2] + "xx") is None
+
+
+class RecordingPipe:
+    def __init__(self):
+        self.zadds = []
+
+    def zadd(self, key, mapping):
+        self.zadds.append(mapping)
+
+
+def test_a_room_s_activity_is_recorded_at_most_once_a_second():
+    store = MessageStore(redis.Redis(), keys=Keys("t"), config=None)  # never connects
+    pipe = RecordingPipe()
+    for now in (100.0, 100.5, 100.99, 101.0, 101.2):
+        store.touch_room(pipe, "a", now)
+    store.touch_room(pipe, "b", 101.2)
+    assert pipe.zadds == [{"a": 100.0}, {"a": 101.0}, {"b": 101.2}]
