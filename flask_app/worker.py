@@ -2,6 +2,7 @@
 import argparse
 import logging
 import signal
+import socket
 
 from gevent import monkey, signal_handler
 from gevent.event import Event
@@ -44,6 +45,9 @@ def run(application, config, start, drain, argv=None):
         server.start()
     except OSError as exc:
         raise SystemExit(f"scalechat-worker: cannot listen on {args.host}:{args.port}: {exc}")
+    if hasattr(socket, "TCP_DEFER_ACCEPT"):
+        # accept a connection once its request has arrived, not to wait for it at once
+        server.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, 1)
     metrics.forget_dead_workers()
     start()
     log.info("worker %s listening on http://%s:%d", config.worker_id, args.host, server.server_port)

@@ -1,6 +1,8 @@
 """The HTTP side: sessions, pages, the session cookie on Socket.IO, health, headers."""
 import re
+import socket
 import subprocess
+import time
 
 import pytest
 import requests
@@ -95,3 +97,14 @@ def test_a_worker_with_a_bad_setting_refuses_to_start():
                             capture_output=True, text=True, timeout=30)
     assert result.returncode != 0
     assert "scalechat: SCALECHAT_MAX_TEXT must be an integer, got 'lots'" in result.stderr
+
+
+def test_a_request_that_comes_seconds_after_its_connection_is_served(workers):
+    host, port = workers[0].url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as conn:
+        time.sleep(3)  # longer than the worker's deferred accept
+        conn.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        response = b""
+        while chunk := conn.recv(65536):
+            response += chunk
+    assert response.startswith(b"HTTP/1.1 200")
