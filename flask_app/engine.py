@@ -95,6 +95,8 @@ class ChatSocket(Socket):
             ws.sock, self._on_message, self._on_websocket_closed,
             max_message=self.server.max_http_buffer_size,
             max_buffered=self.server.max_send_buffer)
+        if ws.answer is not None:  # the handshake's 101, before the first frame
+            self.websocket.send(ws.answer)
         if self.connected:  # an upgrade from polling: the probe comes first
             self.upgrading = True
             self.websocket.on_message = self._on_probe

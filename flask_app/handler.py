@@ -7,7 +7,10 @@ a bare CR, no name, ...) still goes through the `email` parser, so every request
 exactly as before.
 
 Out: pywsgi sends a response's status line and headers with one send() and its body with
-another; a body of up to ONE_SEND_MAX bytes now goes out with its head in one send().
+another; a body of up to ONE_SEND_MAX bytes now goes out with its head in one send(). The
+101 answer to a WebSocket handshake waits for the connection's first frame: whoever takes
+the socket (transport.take_socket) sends it first, and gevent-websocket's own writes put
+it in front of theirs.
 """
 import email.parser
 import http.client
@@ -50,12 +53,25 @@ def read_headers(fp):
 class ChatHandler(WebSocketHandler):
     _holding = False  # between a response's head and the first part of its body
     _head = None
+    upgrade_answer = None  # the 101 answer to a WebSocket handshake, until the first frame
 
     def MessageClass(self, fp, *args):  # noqa: N802 (pywsgi's name)
         return read_headers(fp)
 
     def log_request(self):
         """Write no access log: gevent-websocket formatted a line per request to drop it."""
+
+    def upgrade_connection(self):
+        result = super().upgrade_connection()
+        websocket = getattr(self, "websocket", None)
+        if websocket is not None:  # the handshake is accepted: 101 follows
+            write = websocket.raw_write
+
+            def write_after_answer(data):
+                answer, self.upgrade_answer = self.upgrade_answer, None
+                write(data if answer is None else answer + data)
+            websocket.raw_write = write_after_answer
+        return result
 
     def _write_with_headers(self, data):
         self._holding = True
@@ -64,7 +80,9 @@ class ChatHandler(WebSocketHandler):
         finally:
             self._holding = False
         head, self._head = self._head, None
-        if head is not None:  # no body followed: the head alone
+        if head is not None and self.code == 101 and self.environ.get("wsgi.websocket"):
+            self.upgrade_answer = bytes(head)
+        elif head is not None:  # no body followed: the head alone
             super()._sendall(head)
 
     def _sendall(self, data):

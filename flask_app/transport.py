@@ -314,7 +314,8 @@ class Connection:
 def take_socket(request):
     """Take a WebSocket's socket from gevent-websocket's request handler, which then ends.
 
-    Returns the socket, non-blocking, and any bytes the handler had read ahead.
+    Returns the socket, non-blocking, any bytes the handler had read ahead, and the 101
+    answer the handler held back to go out first (handler.ChatHandler), or None.
     """
     gsock = request.socket
     gsock.settimeout(0.0)  # the peek below must not wait for bytes
@@ -329,7 +330,9 @@ def take_socket(request):
         # Frames go out as soon as they are written: an ack followed by a broadcast must not
         # wait for the client's delayed ACK of the first (Nagle's algorithm: 40 ms here).
         sock.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, 1)
-    return sock, bytes(received)
+    answer = getattr(request, "upgrade_answer", None)
+    request.upgrade_answer = None
+    return sock, bytes(received), answer
 
 
 class TakenWebSocket:
@@ -337,19 +340,20 @@ class TakenWebSocket:
 
     Called by python-engineio with the Engine.IO socket's handler, then as the WSGI app of
     the upgraded request; the handler gets this object, whose `sock` and `received` it
-    serves with a `Connection`.
+    serves with a `Connection`, sending `answer` (the held 101) first.
     """
 
     def __init__(self, handler, server):
         self.handler = handler
         self.sock = None
         self.received = b""
+        self.answer = None
 
     def __call__(self, environ, start_response):
         websocket = environ.get("wsgi.websocket")
         if websocket is None:
             raise RuntimeError("scalechat needs gevent-websocket's WebSocketHandler")
-        self.sock, self.received = take_socket(websocket.handler)
+        self.sock, self.received, self.answer = take_socket(websocket.handler)
         # Not gevent-websocket's to close any more; without its handler, the close() it
         # calls again when collected stops at once (it would build a class twice).
         websocket.closed = True

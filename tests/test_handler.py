@@ -59,6 +59,11 @@ class Recorder:
 
 
 def app(environ, start_response):
+    websocket = environ.get("wsgi.websocket")
+    if websocket is not None:  # gevent-websocket's own WebSocket: greet, or say nothing
+        if environ["PATH_INFO"] == "/greet":
+            websocket.send("hello")
+        return []
     size = int(environ["PATH_INFO"].strip("/"))
     if environ["QUERY_STRING"] == "chunked":  # no Content-Length: two chunks
         start_response("200 OK", [("Content-Type", "text/plain")])
@@ -113,3 +118,31 @@ def test_a_chunked_body_sends_its_first_chunk_with_the_head(server):
     assert response.endswith(b"\r\n\r\n5\r\naaaaa\r\n5\r\nbbbbb\r\n0\r\n\r\n")
     assert len(server.sent) == 3  # head and first chunk, second chunk, last chunk
     assert server.sent[0].endswith(b"\r\n\r\n5\r\naaaaa\r\n")
+
+
+def handshake(server, path):
+    """A WebSocket handshake; everything the server sends until it closes."""
+    with gevent.Timeout(5), gevent.socket.create_connection(("127.0.0.1", server.server_port)) as s:
+        s.sendall(b"GET %s HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                  b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+                  % path.encode())
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    return data
+
+
+def test_the_101_answer_goes_out_with_the_first_frame(server):
+    received = handshake(server, "/greet")
+    answer, _, frames = received.partition(b"\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 101")
+    assert frames.startswith(b"\x81\x05hello")  # then the close frame
+    assert server.sent[0] == answer + b"\r\n\r\n" + b"\x81\x05hello"
+
+
+def test_the_101_answer_comes_before_the_close_of_an_app_that_says_nothing(server):
+    received = handshake(server, "/quiet")
+    assert received.startswith(b"HTTP/1.1 101")
+    answer, _, frames = received.partition(b"\r\n\r\n")
+    assert frames[:1] == b"\x88"  # a close frame
+    assert len(server.sent) == 1

@@ -219,7 +219,7 @@ def taken_tcp_socket(early=b""):
         socket = server
         rfile = server.makefile("rb")
     Request.rfile.read(min(6, len(early)))  # consumed by the HTTP parser, the rest buffered
-    sock, received = take_socket(Request)
+    sock, received, _ = take_socket(Request)
     return sock, received, client
 
 
