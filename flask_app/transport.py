@@ -113,12 +113,36 @@ class _Busy:
 busy = _Busy()
 
 
+def plain_text_frames(data):
+    """The messages of `data` if it is whole, masked, unfragmented text frames of up to 125
+    bytes of UTF-8 (what clients send most), else None: wsproto is to read it.
+
+    wsproto reads such a frame in 5 us; this in 1.
+    """
+    messages = []
+    at, end = 0, len(data)
+    while at < end:
+        first, second = data[at], data[at + 1] if at + 1 < end else 0
+        length = second & 0x7F
+        start = at + 6
+        if first != 0x81 or second & 0x80 == 0 or length > 125 or start + length > end:
+            return None
+        mask = int.from_bytes(data[at + 2:start] * 32, "big") >> (8 * (128 - length))
+        payload = (int.from_bytes(data[start:start + length], "big") ^ mask).to_bytes(length, "big")
+        try:
+            messages.append(payload.decode("utf-8"))
+        except UnicodeDecodeError:
+            return None
+        at = start + length
+    return messages
+
+
 class Connection:
     """One server-side WebSocket on a non-blocking socket, driven by loop callbacks."""
 
     __slots__ = ("sock", "on_message", "on_close", "max_message", "max_buffered", "protocol",
-                 "fragments", "size", "out", "buffered", "pending", "closing", "closed",
-                 "reader", "writer", "timer", "nodelay", "flushes", "window_start",
+                 "plain", "fragments", "size", "out", "buffered", "pending", "closing",
+                 "closed", "reader", "writer", "timer", "nodelay", "flushes", "window_start",
                  "last_flush")
 
     def __init__(self, sock, on_message, on_close, max_message, max_buffered):
@@ -128,6 +152,7 @@ class Connection:
         self.max_message = max_message
         self.max_buffered = max_buffered
         self.protocol = FrameProtocol(client=False, extensions=[])
+        self.plain = True  # every frame so far was read by plain_text_frames, none by wsproto
         self.fragments = None  # parts of a message that came in several frames
         self.size = 0
         self.out = []
@@ -271,6 +296,19 @@ class Connection:
         self._received(bytes(_read_view[:count]))
 
     def _received(self, data):
+        if self.plain:
+            messages = plain_text_frames(data) if self.max_message >= 125 else None
+            if messages is not None:
+                try:
+                    for message in messages:
+                        if self.closing or self.closed:
+                            return
+                        self.on_message(message)
+                except Exception:
+                    log.exception("websocket message handling failed")
+                    self.close(CloseReason.INTERNAL_ERROR)
+                return
+            self.plain = False  # wsproto may keep part of a frame from now on
         self.protocol.receive_bytes(data)
         try:
             for received in self.protocol.received_frames():

@@ -14,11 +14,14 @@ import gevent.socket
 import pytest
 import requests
 import websocket
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from geventwebsocket.websocket import Header
 from wsproto.frame_protocol import CloseReason, FrameProtocol, Opcode
 
 from conftest import wait_until
-from flask_app.transport import BUSY_FLUSHES, BUSY_WINDOW, Connection, frame, take_socket
+from flask_app.transport import (BUSY_FLUSHES, BUSY_WINDOW, Connection, frame,
+                                 plain_text_frames, take_socket)
 
 
 @pytest.mark.parametrize("length", [0, 1, 125, 126, 65535, 65536])
@@ -28,6 +31,48 @@ def test_frames_match_gevent_websocket(length, kind):
     opcode = 0x1 if kind == "text" else 0x2
     payload = message.encode() if kind == "text" else message
     assert frame(message) == Header.encode_header(True, opcode, b"", length, 0) + payload
+
+
+def client_frames(kind, text):
+    """Bytes a client could send: a frame of `kind` carrying `text`, or a damaged one."""
+    client = FrameProtocol(client=True, extensions=[])
+    if kind == "text":
+        return bytes(client.send_data(text))
+    if kind == "fragment":
+        return bytes(client.send_data(text, fin=False))
+    if kind == "binary":
+        return bytes(client.send_data(text.encode()))
+    if kind == "ping":
+        return bytes(client.ping(text.encode()[:125]))
+    if kind == "unmasked":
+        return bytes(FrameProtocol(client=False, extensions=[]).send_data(text))
+    if kind == "bad utf-8":
+        data = bytearray(client.send_data("\u00e9" + text))
+        data[6] ^= data[6] ^ 0xFF ^ data[2]  # an 0xff byte once unmasked
+        return bytes(data)
+    return bytes(client.send_data(text))[:-1]  # cut short
+
+
+@settings(max_examples=300)
+@given(st.lists(st.tuples(st.sampled_from(["text", "text", "fragment", "binary", "ping",
+                                           "unmasked", "bad utf-8", "truncated"]),
+                          st.text(max_size=130)), min_size=1, max_size=4))
+def test_plain_text_frames_read_as_wsproto_reads_them_or_not_at_all(frames):
+    data = b"".join(client_frames(kind, text) for kind, text in frames)
+    fast = plain_text_frames(data)
+    if fast is None:
+        return
+    server = FrameProtocol(client=False, extensions=[])
+    server.receive_bytes(data)
+    read = list(server.received_frames())
+    assert all(f.opcode is Opcode.TEXT and f.frame_finished and f.message_finished for f in read)
+    assert [f.payload for f in read] == fast
+
+
+def test_plain_text_frames_take_the_frames_clients_send_most():
+    data = b"".join(client_frames("text", t) for t in ["40", '421["join",{"room":"a"}]', "é" * 62])
+    assert plain_text_frames(data) == ["40", '421["join",{"room":"a"}]', "é" * 62]
+    assert plain_text_frames(client_frames("text", "x" * 126)) is None  # a longer header
 
 
 class CountingSocket:
