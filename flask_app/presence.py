@@ -49,7 +49,7 @@ end
 
 # KEYS: expiry, index. ARGV: user, sid, ttl_ms, channel, room, ANNOUNCER_HOST_ID.
 # Returns {users gone, every connection now in the room}: one round trip per join. A user
-# new to the room is announced to its other members on the Socket.IO channel, as
+# new to a room with other members is announced to them on the Socket.IO channel, as
 # python-socketio's pub/sub `emit` message, from a host_id no worker has (all deliver it).
 JOIN = _LIB + """
 local now = now_ms()
@@ -58,13 +58,14 @@ local fresh = not has_user(KEYS[2], ARGV[1])
 local member = ARGV[1] .. SEP .. ARGV[2]
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), member)
 redis.call('ZADD', KEYS[2], 0, member)
-if fresh then
+local connections = redis.call('ZRANGE', KEYS[2], 0, -1)
+if fresh and #connections > 1 then
   redis.call('PUBLISH', ARGV[4], cjson.encode({
     method = 'emit', event = 'presence', namespace = '/', room = ARGV[5],
     data = {{room = ARGV[5], user = ARGV[1], state = 'join'}},
     skip_sid = ARGV[2], host_id = ARGV[6]}))
 end
-return {gone, redis.call('ZRANGE', KEYS[2], 0, -1)}
+return {gone, connections}
 """
 
 # KEYS: expiry, index. ARGV: user, sid. Returns {absent, gone...}.

@@ -1,9 +1,13 @@
 """Chatting across worker processes: delivery, order, history, dedup, presence."""
+import json
 import signal
 import threading
 import time
 
+import redis
 import requests
+
+from flask_app.config import Config
 
 
 def test_every_member_receives_every_message_once_in_stream_order(workers, clients, room):
@@ -177,3 +181,21 @@ def test_rooms_are_listed_with_online_counts(workers, clients, room):
                             headers={"Authorization": f"Bearer {workers[1].token('x')}"})
     assert {"room": room, "online": 1} in response.json()["rooms"]
 
+
+
+def test_the_first_member_of_a_room_is_announced_to_nobody(redis_server, workers, clients, room):
+    listener = redis.Redis.from_url(redis_server.url).pubsub(ignore_subscribe_messages=True)
+    listener.subscribe(Config.from_env().channel)
+    alice = clients("alice").connect(workers[0])
+    alice.join(room)
+    bob = clients("bob").connect(workers[1])
+    bob.join(room)
+    alice.wait_for("presence", lambda got: got)
+    published, deadline = [], time.monotonic() + 1
+    while time.monotonic() < deadline:
+        message = listener.get_message(timeout=0.1)
+        if message is not None:
+            published.append(json.loads(message["data"]))
+    assert [p["data"][0]["user"] for p in published
+            if p["event"] == "presence" and p["room"] == room] == ["bob"]
+    listener.close()
