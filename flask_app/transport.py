@@ -151,7 +151,7 @@ class Connection:
         self.on_close = on_close  # (reason: str) -> None, once, when the connection is gone
         self.max_message = max_message
         self.max_buffered = max_buffered
-        self.protocol = FrameProtocol(client=False, extensions=[])
+        self.protocol = None  # wsproto's, made when first needed: most connections never do
         self.plain = True  # every frame so far was read by plain_text_frames, none by wsproto
         self.fragments = None  # parts of a message that came in several frames
         self.size = 0
@@ -207,7 +207,7 @@ class Connection:
         """Send a close frame after what is queued, then close the socket."""
         if self.closing or self.closed:
             return
-        self.out.append(bytes(self.protocol.close(code, reason)))
+        self.out.append(bytes(self._wsproto().close(code, reason)))
         self.closing = True
         if self.reader is not None:
             self.reader.stop()
@@ -309,9 +309,10 @@ class Connection:
                     self.close(CloseReason.INTERNAL_ERROR)
                 return
             self.plain = False  # wsproto may keep part of a frame from now on
-        self.protocol.receive_bytes(data)
+        protocol = self._wsproto()
+        protocol.receive_bytes(data)
         try:
-            for received in self.protocol.received_frames():
+            for received in protocol.received_frames():
                 if self.closing or self.closed:
                     return
                 self._frame(received)
@@ -321,6 +322,11 @@ class Connection:
         except Exception:
             log.exception("websocket message handling failed")
             self.close(CloseReason.INTERNAL_ERROR)
+
+    def _wsproto(self):
+        if self.protocol is None:
+            self.protocol = FrameProtocol(client=False, extensions=[])
+        return self.protocol
 
     def _frame(self, received):
         opcode = received.opcode
