@@ -51,6 +51,8 @@ def read_headers(fp):
 
 
 class ChatHandler(WebSocketHandler):
+    """gevent-websocket's request handler with the reading and writing described above."""
+
     _holding = False  # between a response's head and the first part of its body
     _head = None
     upgrade_answer = None  # the 101 answer to a WebSocket handshake, until the first frame

@@ -6,8 +6,9 @@ At about 8 KB each they were most of an idle connection's memory, and every deli
 a switch to the writer. Here, once gevent-websocket has answered the handshake, the socket
 is taken from the request's greenlet, which then ends:
 
-- reads: a read watcher calls back when bytes arrive; wsproto parses the frames, pings
-  are answered, and every whole message goes to `on_message`;
+- reads: a read watcher calls back when bytes arrive; short text frames, what clients
+  send, are read directly (`plain_text_frames`), anything else by wsproto, which answers
+  pings; every whole message goes to `on_message`;
 - writes: the frames sent to a connection during one turn of the loop go out together in
   one send() when the turn ends, so a broadcast costs one system call per member and adds
   no delay. What the kernel does not take waits for a write watcher; a client that stops
