@@ -87,13 +87,19 @@ def server():
     srv.stop()
 
 
-def get(server, path):
+def exchange(server, request):
+    """Send `request`; return everything the server sends until it closes."""
     with gevent.Timeout(5), gevent.socket.create_connection(("127.0.0.1", server.server_port)) as s:
-        s.sendall(b"GET %s HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n" % path.encode())
+        s.sendall(request)
         data = b""
         while chunk := s.recv(65536):
             data += chunk
     return data
+
+
+def get(server, path):
+    return exchange(server, b"GET %s HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+                    % path.encode())
 
 
 def test_a_small_body_goes_out_with_the_head(server):
@@ -121,15 +127,9 @@ def test_a_chunked_body_sends_its_first_chunk_with_the_head(server):
 
 
 def handshake(server, path):
-    """A WebSocket handshake; everything the server sends until it closes."""
-    with gevent.Timeout(5), gevent.socket.create_connection(("127.0.0.1", server.server_port)) as s:
-        s.sendall(b"GET %s HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                  b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-                  % path.encode())
-        data = b""
-        while chunk := s.recv(65536):
-            data += chunk
-    return data
+    return exchange(server, b"GET %s HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+                    b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                    b"Sec-WebSocket-Version: 13\r\n\r\n" % path.encode())
 
 
 def test_the_101_answer_goes_out_with_the_first_frame(server):
