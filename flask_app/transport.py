@@ -297,22 +297,18 @@ class Connection:
         self._received(bytes(_read_view[:count]))
 
     def _received(self, data):
-        if self.plain:
-            messages = plain_text_frames(data) if self.max_message >= 125 else None
-            if messages is not None:
-                try:
+        try:
+            if self.plain:
+                messages = plain_text_frames(data) if self.max_message >= 125 else None
+                if messages is not None:
                     for message in messages:
                         if self.closing or self.closed:
                             return
                         self.on_message(message)
-                except Exception:
-                    log.exception("websocket message handling failed")
-                    self.close(CloseReason.INTERNAL_ERROR)
-                return
-            self.plain = False  # wsproto may keep part of a frame from now on
-        protocol = self._wsproto()
-        protocol.receive_bytes(data)
-        try:
+                    return
+                self.plain = False  # wsproto may keep part of a frame from now on
+            protocol = self._wsproto()
+            protocol.receive_bytes(data)
             for received in protocol.received_frames():
                 if self.closing or self.closed:
                     return
