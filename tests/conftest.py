@@ -1,5 +1,6 @@
 """Real services for the tests: redis-server, worker processes, Socket.IO clients."""
 import os
+import queue
 import signal
 import socket
 import subprocess
@@ -9,6 +10,7 @@ import time
 import uuid
 from pathlib import Path
 
+import engineio
 import pytest
 import redis
 import requests
@@ -123,12 +125,46 @@ class Worker:
         return response.json()["token"]
 
 
+class InOrderEngineIOClient(engineio.Client):
+    """python-engineio's client, handing received messages to the handler one at a time, in order.
+
+    The stock client starts a thread for each message it receives, so two messages that
+    arrive together may be handled in either order: events of one room would seem reordered.
+    Here one thread per client handles them in the order they arrived.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.inbox = queue.SimpleQueue()
+        self.inbox_thread = None
+
+    def _trigger_event(self, event, *args, run_async=False, **kwargs):
+        if event != "message" or not run_async:
+            return super()._trigger_event(event, *args, run_async=run_async, **kwargs)
+        if self.inbox_thread is None:
+            self.inbox_thread = threading.Thread(target=self._handle_inbox, daemon=True)
+            self.inbox_thread.start()
+        self.inbox.put(args)
+        return None
+
+    def _handle_inbox(self):
+        while True:
+            super()._trigger_event("message", *self.inbox.get())
+
+
+class InOrderClient(socketio.Client):
+    """python-socketio's client on InOrderEngineIOClient: events arrive in the order sent."""
+
+    def _engineio_client_class(self):
+        return InOrderEngineIOClient
+
+
 class ChatClient:
-    """A python-socketio client that records every event it receives."""
+    """A python-socketio client that records every event it receives, in the order sent."""
 
     def __init__(self, name):
         self.name = name
-        self.sio = socketio.Client(reconnection=False)
+        self.sio = InOrderClient(reconnection=False)
         self.events = {"message": [], "presence": [], "typing": [], "announcement": []}
         self.connect_error = None
         self._changed = threading.Condition()

@@ -7,9 +7,8 @@ import uuid
 
 import pytest
 import requests
-import socketio
 
-from conftest import ROOT, ChatClient, free_port
+from conftest import ROOT, ChatClient, InOrderClient, free_port
 
 
 def free_port_run(count):
@@ -99,8 +98,8 @@ class ResumingClient(ChatClient):
     def __init__(self, name, stack, transports=("websocket",)):
         super().__init__(name)
         self.http = requests.Session()
-        self.sio = socketio.Client(reconnection=True, reconnection_delay=0.2,
-                                   reconnection_delay_max=1, http_session=self.http)
+        self.sio = InOrderClient(reconnection=True, reconnection_delay=0.2,
+                                reconnection_delay_max=1, http_session=self.http)
         self.sio.on("message", self._on_message)
         self.sio.on("connect", self._on_connect)
         self.stack = stack
