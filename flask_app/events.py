@@ -8,6 +8,7 @@ import redis
 import socketio
 
 from . import auth, ratelimit, validation
+from .store import id_order
 
 log = logging.getLogger(__name__)
 
@@ -92,16 +93,32 @@ class ChatNamespace(socketio.Namespace):
         room = validation.room(data.get("room"))
         since = validation.cursor(data.get("since"), "since")
         conn = self._connection(sid)
-        self.enter_room(sid, room)
-        pipe = self.services.redis.pipeline(transaction=False)  # one round trip for a join
-        read_history = self.store.join_history(pipe, room, since)
-        read_presence = self.presence.join(pipe, sid, room)
-        self.store.touch_room(pipe, room, time.time())
-        with self.metrics.redis_timer("join"):
-            history_reply, presence_reply, *_ = pipe.execute()
-        history, missed_more = read_history(history_reply)
-        gone, members = read_presence(presence_reply)
-        self.server.manager.remember_delivered(room, history[-1]["id"] if history else since or "0-0")
+        newest = None
+        if since is not None:
+            # a cursor from the future would make this worker skip the room's next messages
+            newest = self.store.newest_id(room)
+            if id_order(since) > id_order(newest):
+                raise validation.ValidationError(
+                    "invalid_cursor", f"since is after the newest message of {room} ({newest}): "
+                                      "join without it")
+        rejoining = room in conn.rooms
+        self.enter_room(sid, room)  # before the history is read: nothing falls in between
+        try:
+            pipe = self.services.redis.pipeline(transaction=False)  # one round trip for a join
+            read_history = self.store.join_history(pipe, room, since)
+            read_presence = self.presence.join(pipe, sid, room)
+            self.store.touch_room(pipe, room, time.time())
+            with self.metrics.redis_timer("join"):
+                history_reply, presence_reply, *_ = pipe.execute()
+            history, missed_more = read_history(history_reply)
+            gone, members = read_presence(presence_reply)
+        except Exception:
+            if not rejoining:  # all or nothing: no deliveries to a connection that is not a member
+                self.leave_room(sid, room)
+            raise
+        # the delivery cursor is always an id read from Redis, never the client's
+        self.server.manager.remember_delivered(
+            room, newest if since is not None else history[-1]["id"] if history else "0-0")
         self.metrics.joins.inc()
         log.info("join", extra={"sid": sid, "user": conn.user, "room": room})
         self._announce_leaves(room, [], gone)

@@ -35,6 +35,8 @@ return {entries, first and first[1] or '0-0'}
 """
 
 
+LAST_POSSIBLE_ID = (2**64 - 1, 2**64 - 1)
+
 TOUCH_EVERY = 1.0  # seconds between two records of a room's activity by one worker
 TOUCHED_MAX = 10_000  # rooms remembered before the record starts afresh
 
@@ -63,6 +65,8 @@ class MessageStore:
         With `after`, the page starts just after it (catching up); otherwise it
         ends just before `before`, or at the newest message (scrolling back).
         """
+        if (after and id_order(after) == LAST_POSSIBLE_ID) or (before and id_order(before) == (0, 0)):
+            return []  # nothing can follow the last possible id or precede 0-0 (Redis refuses both)
         stream = self.keys.room_stream(room)
         low = f"({after}" if after else "-"
         high = f"({before}" if before else "+"
@@ -72,6 +76,11 @@ class MessageStore:
             entries = self.redis.xrevrange(stream, high, low, count=limit)
             entries.reverse()
         return [message(room, entry_id, fields) for entry_id, fields in entries]
+
+    def newest_id(self, room):
+        """Return the id of the room's newest message, or '0-0' if it has none."""
+        entries = self.redis.xrevrange(self.keys.room_stream(room), "+", "-", count=1)
+        return entries[0][0] if entries else "0-0"
 
     def join_history(self, pipe, room, since):
         """Queue on `pipe` the history a joiner gets; return the reader of its reply.

@@ -5,6 +5,7 @@ ROOM_PATTERN = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 NAME_PATTERN = re.compile(r"[\w][\w .'-]{0,31}")
 CLIENT_ID_PATTERN = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 STREAM_ID_PATTERN = re.compile(r"[0-9]{1,20}(-[0-9]{1,20})?")
+MAX_ID_PART = 2**64 - 1
 
 
 class ValidationError(ValueError):
@@ -67,10 +68,14 @@ def client_id(value):
 
 
 def cursor(value, field):
-    """Return an optional message id used as an exclusive bound of a history page."""
+    """Return an optional message id used as an exclusive bound of a history page.
+
+    Both parts of a stream id are 64-bit: Redis would refuse a larger one as an error of its own.
+    """
     if value is None:
         return None
-    if not isinstance(value, str) or not STREAM_ID_PATTERN.fullmatch(value):
+    if not isinstance(value, str) or not STREAM_ID_PATTERN.fullmatch(value) \
+            or any(int(part) > MAX_ID_PART for part in value.split("-")):
         raise ValidationError(
             "invalid_cursor", f"{field} must be a message id such as '1700000000000-0'")
     return value

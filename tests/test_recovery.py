@@ -252,3 +252,61 @@ def _closed(conn):
     except redis.ConnectionError:
         return True
     return False
+
+
+FUTURE = "4102444800000-0"  # 2100-01-01: a client with a fast clock, or a malicious one
+
+
+def test_a_cursor_from_the_future_cannot_silence_a_room(workers, clients, room):
+    bob = clients("bob").connect(workers[1])
+    bob.join(room)
+    first = bob.send(room, "before")["id"]
+    mallory = clients("mallory").connect(workers[0])  # the first member of the room on worker 0
+    refused = mallory.call("join", {"room": room, "since": FUTURE})
+    assert refused["ok"] is False and refused["error"] == "invalid_cursor", refused
+    alice = clients("alice").connect(workers[0])
+    assert [m["id"] for m in alice.join(room)["history"]] == [first]
+    sent = bob.send(room, "after")["id"]
+    alice.wait_for("message", lambda got: [m["id"] for m in got] == [sent])
+    assert mallory.join(room, since=first)["history"][0]["id"] == sent  # an honest resume works
+
+
+@pytest.mark.parametrize("field", ["since", "after", "before"])
+def test_cursors_beyond_64_bits_are_invalid_not_unavailable(workers, clients, room, field):
+    alice = clients("alice").connect(workers[0])
+    alice.join(room)
+    for cursor in ["18446744073709551616-0", "0-18446744073709551616", "99999999999999999999"]:
+        event = "join" if field == "since" else "history"
+        ack = alice.call(event, {"room": room, field: cursor})
+        assert ack["ok"] is False and ack["error"] == "invalid_cursor", (cursor, ack)
+
+
+def test_the_extreme_cursors_answer_empty_pages(workers, clients, room):
+    alice = clients("alice").connect(workers[0])
+    alice.join(room)
+    alice.send(room, "one")
+    last = "18446744073709551615-18446744073709551615"
+    assert alice.call("history", {"room": room, "after": last}) == {"ok": True, "messages": []}
+    assert alice.call("history", {"room": room, "before": "0-0"}) == {"ok": True, "messages": []}
+
+
+def test_a_join_that_fails_leaves_no_half_member(own_redis, worker_factory, clients, room):
+    start_persistent(own_redis)
+    worker = worker_factory("half", redis_url=own_redis.url)
+    alice = clients("alice").connect(worker)
+    own_redis.stop()
+    refused = alice.call("join", {"room": room})
+    assert refused["ok"] is False and refused["error"] == "unavailable", refused
+    start_persistent(own_redis)
+    wait_until(lambda: requests.get(worker.url + "/readyz", timeout=5).ok, timeout=30,
+               what="the worker to hear Redis again")
+    bob = clients("bob").connect(worker)
+    bob.join(room)
+    unseen = bob.send(room, "not for alice")["id"]
+    bob.wait_for("message", lambda got: [m["id"] for m in got] == [unseen])
+    refused = alice.call("message", {"room": room, "text": "hi", "client_id": "a1"})
+    assert refused["ok"] is False and refused["error"] == "not_member"
+    alice.join(room)
+    seen = bob.send(room, "for alice")["id"]
+    # one connection receives in order: had `unseen` reached alice, it would come first
+    assert [m["id"] for m in alice.wait_for("message", lambda got: got)] == [seen]

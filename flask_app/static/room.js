@@ -96,10 +96,12 @@
     });
   }
 
-  socket.on("connect", () => {
-    status.textContent = "online";
-    const join = lastId === null ? { room } : { room, since: lastId };
-    socket.emit("join", join, (ack) => {
+  const join = () => {
+    socket.emit("join", lastId === null ? { room } : { room, since: lastId }, (ack) => {
+      if (!ack.ok && ack.error === "invalid_cursor" && lastId !== null) {
+        lastId = null; // the room's history is not the one this page saw: start from its end
+        return join();
+      }
       if (!ack.ok) {
         showError(ack.detail || ack.error);
         return;
@@ -112,6 +114,10 @@
       if (ack.missed_more && ack.history.length) loadAfter(ack.history[ack.history.length - 1].id, resend);
       else resend();
     });
+  };
+  socket.on("connect", () => {
+    status.textContent = "online";
+    join();
   });
   socket.on("disconnect", () => { status.textContent = "reconnecting…"; });
   socket.on("connect_error", (err) => { status.textContent = "offline: " + err.message; });
