@@ -3,8 +3,10 @@
 Redis pub/sub forgets what it publishes while a listener is away (a Redis restart, a dropped
 connection). Stored messages are in the room's stream, though, so after every (re)subscription
 the worker replays, for each room it has members in, what came after the last message it
-delivered there; live messages it has already delivered are then skipped. Members of a room see
-each message once, in stream order, without reconnecting.
+delivered there; live messages it has already delivered are then skipped. A replay that fails
+(Redis still flapping) leaves the room with a gap: its live messages are then read from the
+stream too, and the gap is retried until it is filled, so no message is ever skipped. Members of
+a room see each message once, in stream order, without reconnecting.
 
 The listener also pings Redis through its own subscription, so /readyz can tell a worker that
 hears Redis from one whose listener is still reconnecting.
@@ -13,6 +15,7 @@ import logging
 import time
 
 import gevent
+import gevent.lock
 import redis
 import socketio
 
@@ -22,6 +25,7 @@ from .store import STORE_HOST_ID, id_order
 log = logging.getLogger(__name__)
 
 REPLAY_PAGE = 500
+GAP_RETRY_FIRST, GAP_RETRY_MAX = 0.5, 5.0  # seconds between attempts to fill a room's gap
 # The listener pings Redis through its own subscription; a worker whose listener has not
 # heard a pong for PONG_LIMIT seconds is not ready.
 PING_EVERY = 2
@@ -37,6 +41,9 @@ class ChatRedisManager(socketio.RedisManager):
         self.store = store
         self.metrics = metrics
         self.last_delivered = {}
+        self.gaps = set()  # rooms whose stream must be read before any live message is delivered
+        self.filling = gevent.lock.Semaphore()  # one greenlet at a time reads a room's gap
+        self.gap_filler = None
         self.last_pong = None
         self.subscriptions = 0
 
@@ -86,10 +93,18 @@ class ChatRedisManager(socketio.RedisManager):
 
     def _handle_emit(self, message):
         if message.get("host_id") == STORE_HOST_ID:
-            if not self._first_delivery(message):
+            if message["room"] in self.gaps:
+                with self.filling:  # the stream holds this message too, after the gap
+                    self._fill(message["room"])
                 return
-            self.metrics.deliveries.inc(len(self.rooms["/"][message["room"]]))
+            self._deliver_stored(message)
+            return
         super()._handle_emit(message)
+
+    def _deliver_stored(self, message):
+        if self._first_delivery(message):
+            self.metrics.deliveries.inc(len(self.rooms["/"][message["room"]]))
+            super()._handle_emit(message)
 
     def remember_delivered(self, room, message_id):
         """Start tracking a room this worker just joined, from the last message it read."""
@@ -111,24 +126,46 @@ class ChatRedisManager(socketio.RedisManager):
         return True
 
     def _replay_missed(self):
-        for room, last in list(self.last_delivered.items()):
-            if not self._has_members(room):
-                self.last_delivered.pop(room, None)
-                continue
-            replayed = 0
-            try:
-                while True:
-                    page = self.store.history(room, after=last, limit=REPLAY_PAGE)
-                    for stored in page:
-                        self._handle_emit(envelope(stored))
-                    replayed += len(page)
-                    if len(page) < REPLAY_PAGE:
-                        break
-                    last = page[-1]["id"]
-            except Exception:
-                log.exception("could not replay missed messages of %s", room)
+        for room in list(self.last_delivered):
+            with self.filling:
+                self._fill(room)
+
+    def _fill(self, room):
+        """Deliver what the room's stream holds after this worker's cursor, or keep it a gap."""
+        if not self._has_members(room) or room not in self.last_delivered:
+            self.last_delivered.pop(room, None)
+            self.gaps.discard(room)
+            return
+        replayed = 0
+        try:
+            while True:
+                page = self.store.history(room, after=self.last_delivered[room], limit=REPLAY_PAGE)
+                for stored in page:
+                    self._deliver_stored(envelope(stored))
+                replayed += len(page)
+                if len(page) < REPLAY_PAGE:
+                    break
+        except Exception as exc:
+            log.warning("could not replay missed messages of %s yet, retrying: %s", room, exc)
+            self.gaps.add(room)
+            if self.gap_filler is None:
+                self.gap_filler = gevent.spawn(self._fill_gaps)
+            return
+        finally:
             if replayed:
                 log.warning("replayed %d messages of %s missed while unsubscribed", replayed, room)
+        self.gaps.discard(room)
+
+    def _fill_gaps(self):
+        delay = GAP_RETRY_FIRST
+        while self.gaps:
+            gevent.sleep(delay)
+            for room in list(self.gaps):
+                with self.filling:
+                    if room in self.gaps:
+                        self._fill(room)
+            delay = min(delay * 2, GAP_RETRY_MAX)
+        self.gap_filler = None
 
 
 def envelope(stored):

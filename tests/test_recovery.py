@@ -310,3 +310,39 @@ def test_a_join_that_fails_leaves_no_half_member(own_redis, worker_factory, clie
     seen = bob.send(room, "for alice")["id"]
     # one connection receives in order: had `unseen` reached alice, it would come first
     assert [m["id"] for m in alice.wait_for("message", lambda got: got)] == [seen]
+
+
+def test_a_failed_replay_is_retried_until_the_gap_is_filled(tmp_path, worker_factory, clients,
+                                                            room):
+    """The replay after a resubscription fails (here: the worker may not read streams for a
+    while); live messages must not move the worker past what its members missed."""
+    server = RedisServer(tmp_path).start()
+    try:
+        admin = redis.Redis.from_url(server.url)
+        admin.acl_setuser("listener", enabled=True, passwords=["+pw"], keys=["*"],
+                          channels=["*"], commands=["+@all"])
+        port = server.port
+        w1 = worker_factory("gap", redis_url=f"redis://listener:pw@127.0.0.1:{port}/0")
+        w2 = worker_factory("sender", redis_url=server.url)
+        alice = clients("alice").connect(w1)
+        bob = clients("bob").connect(w2)
+        alice.join(room)
+        bob.join(room)
+        first = bob.send(room, "before")["id"]
+        alice.wait_for("message", lambda got: len(got) == 1)
+
+        admin.acl_setuser("listener", enabled=True, commands=["-xrange", "-xrevrange"])
+        admin.client_kill_filter(_type="pubsub", user="listener")
+        missed = [bob.send(room, f"missed {n}")["id"] for n in range(3)]  # while re-subscribing
+        wait_until(lambda: "could not replay missed messages" in w1.log_path.read_text(),
+                   what="the replay after re-subscribing to fail")
+        live = bob.send(room, "live, after the failed replay")["id"]
+        bob.wait_for("message", lambda got: got[-1]["id"] == live)
+        admin.acl_setuser("listener", enabled=True, commands=["+xrange", "+xrevrange"])
+
+        expected = [first, *missed, live]
+        got = alice.wait_for("message", lambda got: len(got) >= len(expected), timeout=30)
+        assert [m["id"] for m in got] == expected
+        assert alice.sio.connected
+    finally:
+        server.stop()
