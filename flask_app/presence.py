@@ -9,6 +9,7 @@ import dataclasses
 import logging
 
 import gevent
+import gevent.lock
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +117,8 @@ class Presence:
         self.ttl_ms = ttl_seconds * 1000
         self.channel = channel
         self.local = {}
+        # a heartbeat in flight must not add back a connection that leaves meanwhile
+        self._beating = gevent.lock.Semaphore()
         self._leave = redis.register_script(LEAVE)
         self._heartbeat = redis.register_script(HEARTBEAT)
         self._members = redis.register_script(MEMBERS)
@@ -152,8 +155,9 @@ class Presence:
     def leave(self, sid, room):
         """Remove a connection from a room; return (user has left, users gone)."""
         conn = self.local[sid]
-        conn.rooms.discard(room)
-        absent, *gone = self._leave(keys=self._room_keys(room), args=[conn.user, sid])
+        with self._beating:
+            conn.rooms.discard(room)
+            absent, *gone = self._leave(keys=self._room_keys(room), args=[conn.user, sid])
         return bool(absent), gone
 
     def disconnect(self, sid):
@@ -170,6 +174,10 @@ class Presence:
 
     def heartbeat(self):
         """Refresh this worker's connections; return {room: users gone} of every room here."""
+        with self._beating:
+            return self._refresh()
+
+    def _refresh(self):
         by_room = {}
         for sid, conn in list(self.local.items()):
             for room in conn.rooms:

@@ -81,6 +81,65 @@ class RedisServer:
         stop_process(self.proc)
 
 
+class HoldingProxy:
+    """A TCP proxy in front of Redis that can hold one chosen command until told to go on.
+
+    `hold(match)` arms it: the next chunk a client sends for which `match(chunk)` is true waits
+    (`holding` is set) until `release()`; `answered` is set once Redis has replied to it.
+    """
+
+    def __init__(self, upstream_port):
+        self.upstream_port = upstream_port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.match = None
+        self.holding, self.released, self.answered = (threading.Event() for _ in range(3))
+        self.sockets = [self.listener]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def hold(self, match):
+        self.match = match
+
+    def release(self):
+        self.released.set()
+
+    def _accept(self):
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(("127.0.0.1", self.upstream_port))
+            self.sockets += [client, server]
+            held = threading.Event()  # this connection carried the held command
+            threading.Thread(target=self._pump, args=(client, server, held, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(server, client, held, False), daemon=True).start()
+
+    def _pump(self, source, target, held, to_redis):
+        while True:
+            try:
+                chunk = source.recv(65536)
+                if not chunk:
+                    break
+                if to_redis and self.match is not None and self.match(chunk):
+                    self.match = None
+                    held.set()
+                    self.holding.set()
+                    self.released.wait()
+                target.sendall(chunk)
+                if not to_redis and held.is_set() and self.released.is_set():
+                    self.answered.set()
+            except OSError:
+                break
+        for sock in (source, target):
+            sock.close()
+
+    def close(self):
+        for sock in self.sockets:
+            sock.close()
+
+
 class Worker:
     """A `scalechat-worker` process on a free port."""
 

@@ -1,4 +1,5 @@
 """Chatting across worker processes: delivery, order, history, dedup, presence."""
+import hashlib
 import json
 import signal
 import threading
@@ -7,7 +8,10 @@ import time
 import redis
 import requests
 
+from conftest import HoldingProxy
+from flask_app import presence
 from flask_app.config import Config
+from flask_app.keys import Keys
 
 
 def test_every_member_receives_every_message_once_in_stream_order(workers, clients, room):
@@ -199,3 +203,30 @@ def test_the_first_member_of_a_room_is_announced_to_nobody(redis_server, workers
     assert [p["data"][0]["user"] for p in published
             if p["event"] == "presence" and p["room"] == room] == ["bob"]
     listener.close()
+
+
+def test_a_heartbeat_in_flight_does_not_bring_back_a_member_who_left(redis_server, worker_factory,
+                                                                     workers, clients, room):
+    proxy = HoldingProxy(redis_server.port)
+    try:
+        worker = worker_factory("beating", redis_url=proxy.url)
+        alice = clients("alice").connect(worker)
+        bob = clients("bob").connect(workers[1])
+        alice.join(room)
+        bob.join(room)
+        beat = hashlib.sha1(presence.HEARTBEAT.encode()).hexdigest().encode()
+        proxy.hold(lambda chunk: b"EVALSHA" in chunk and beat in chunk)
+        assert proxy.holding.wait(10), "no heartbeat came"
+        # the heartbeat has chosen whom to refresh, alice included; now she leaves
+        leaving = threading.Thread(target=lambda: alice.call("leave", {"room": room}))
+        leaving.start()
+        leaving.join(2)  # the leave may wait for the heartbeat: then it finishes after it
+        proxy.release()
+        assert proxy.answered.wait(10)
+        leaving.join(10)
+        index = redis.Redis.from_url(redis_server.url).zrange(
+            Keys("scalechat:").presence_index(room), 0, -1)
+        assert [member.split(b"\x1f")[0] for member in index] == [b"bob"]
+        assert bob.wait_for("presence", lambda got: got)[-1]["state"] == "leave"
+    finally:
+        proxy.close()
