@@ -1,4 +1,5 @@
 """Room messages in Redis Streams: store, deduplicate, publish, read history."""
+import time
 
 # The host_id of the messages the script below publishes: no worker has it, so every
 # worker delivers them, the sender's included.
@@ -7,16 +8,22 @@ STORE_HOST_ID = "scalechat-store"
 # One script stores the message and publishes it, so the order on the
 # Socket.IO channel is the order of the stream on every worker, and a retried
 # client_id returns the first id without a second store or broadcast.
+# KEYS: the stream, then the dedup hashes of this period and of the periods either side
+# (a retry on a worker whose clock is a little off still finds the first send); a message's
+# record goes into this period's hash, which expires at the end of the next period (ARGV[2]).
 # The published envelope is python-socketio's pub/sub `emit` message (ARGV[8] is
-# STORE_HOST_ID).
+# STORE_HOST_ID). Redis refuses the first write when it is out of memory: nothing is stored.
 APPEND_AND_PUBLISH = """
-local existing = redis.call('GET', KEYS[2])
+local sent = ARGV[5] .. '\\031' .. ARGV[7]
+local existing = redis.call('HGET', KEYS[3], sent) or redis.call('HGET', KEYS[2], sent)
+                 or redis.call('HGET', KEYS[4], sent)
 if existing then
   return {existing, 0}
 end
 local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*',
                       'user', ARGV[5], 'text', ARGV[6], 'client_id', ARGV[7])
-redis.call('SET', KEYS[2], id, 'EX', ARGV[2])
+redis.call('HSET', KEYS[3], sent, id)
+redis.call('EXPIREAT', KEYS[3], ARGV[2], 'NX')
 local message = {id = id, room = ARGV[4], user = ARGV[5], text = ARGV[6],
                  ts = tonumber(string.match(id, '^(%d+)')), client_id = ARGV[7]}
 redis.call('PUBLISH', ARGV[3], cjson.encode({
@@ -52,10 +59,16 @@ class MessageStore:
         self._touched = {}  # room -> when this worker last recorded activity there
 
     def append(self, room, user, text, client_id):
-        """Store a message and broadcast it to the room; return (id, stored_now)."""
+        """Store a message and broadcast it to the room; return (id, stored_now).
+
+        A retry with the same client_id is recognised for at least SCALECHAT_DEDUP_TTL: records
+        are kept in one hash per period of that length, until the next period ends.
+        """
+        period = int(time.time()) // self.config.dedup_ttl
         message_id, created = self._append(
-            keys=[self.keys.room_stream(room), self.keys.dedup(room, user, client_id)],
-            args=[self.config.history_maxlen, self.config.dedup_ttl,
+            keys=[self.keys.room_stream(room),
+                  *(self.keys.dedup(room, p) for p in (period - 1, period, period + 1))],
+            args=[self.config.history_maxlen, (period + 2) * self.config.dedup_ttl,
                   self.config.channel, room, user, text, client_id, STORE_HOST_ID])
         return message_id, bool(created)
 

@@ -8,7 +8,7 @@ import time
 import redis
 import requests
 
-from conftest import HoldingProxy
+from conftest import HoldingProxy, wait_until
 from flask_app import presence
 from flask_app.config import Config
 from flask_app.keys import Keys
@@ -70,6 +70,22 @@ def test_retried_client_id_is_stored_and_broadcast_once(workers, clients, room):
     assert [m["id"] for m in got] == [first["id"], after["id"]]
     history = bob.call("history", {"room": room})["messages"]
     assert [m["client_id"] for m in history] == ["retry-1", "retry-2"]
+
+
+def test_a_retry_is_recognised_in_the_next_dedup_period_and_records_expire(
+        redis_server, worker_factory, clients, room):
+    ttl = 2
+    worker = worker_factory("short-dedup", SCALECHAT_DEDUP_TTL=str(ttl))
+    alice = clients("alice").connect(worker)
+    alice.join(room)
+    period = int(time.time()) // ttl
+    first = alice.send(room, "once", client_id="across")
+    wait_until(lambda: int(time.time()) // ttl > period, what="the next dedup period")
+    assert alice.send(room, "once", client_id="across") == first
+    records = redis.Redis.from_url(redis_server.url).keys(
+        Keys("scalechat:").dedup(room, "*"))
+    assert len(records) == 1
+    assert 0 < redis.Redis.from_url(redis_server.url).ttl(records[0]) <= 3 * ttl
 
 
 def test_the_same_client_id_from_another_user_is_another_message(workers, clients, room):
