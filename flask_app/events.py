@@ -30,6 +30,9 @@ def acknowledged(handler):
             return handler(self, sid, validation.payload(args[0]))
         except validation.ValidationError as exc:
             return self._refuse(exc.code, exc.detail)
+        except redis.exceptions.OutOfMemoryError:
+            log.warning("redis is at its memory bound during %s", event, extra={"sid": sid})
+            return self._refuse("storage_full", "the message store is full; nothing was stored")
         except redis.RedisError as exc:
             log.warning("redis unavailable during %s: %s", event, exc, extra={"sid": sid})
             return self._refuse("unavailable", "the message store is unavailable; retry shortly")
@@ -109,7 +112,11 @@ class ChatNamespace(socketio.Namespace):
             read_presence = self.presence.join(pipe, sid, room)
             self.store.touch_room(pipe, room, time.time())
             with self.metrics.redis_timer("join"):
-                history_reply, presence_reply, *_ = pipe.execute()
+                # the lobby's record may fail at Redis' memory bound: the join still counts
+                history_reply, presence_reply, *_ = pipe.execute(raise_on_error=False)
+            for reply in (history_reply, presence_reply):
+                if isinstance(reply, Exception):
+                    raise reply
             history, missed_more = read_history(history_reply)
             gone, members = read_presence(presence_reply)
         except Exception:

@@ -16,10 +16,12 @@ log = logging.getLogger(__name__)
 SEPARATOR = "\x1f"
 ANNOUNCER_HOST_ID = "scalechat-presence"  # the host_id of the joins JOIN announces
 
-# Shared by every script: the time from Redis (one clock for all workers),
+# Shared by every script: presence may still change at Redis' memory bound (it is small and
+# bounded by the connections; stored messages are what noeviction refuses), the time from
+# Redis (one clock for all workers),
 # the look-up of a user's connections, and the removal of expired ones,
 # which returns the users that have no connection left.
-_LIB = """
+_LIB = """#!lua flags=allow-oom
 local SEP = '\\031'
 local function now_ms()
   local t = redis.call('TIME')

@@ -11,6 +11,7 @@ import socketio
 import websocket
 
 from conftest import BIN, RedisServer, free_port, wait_until
+from flask_app.keys import Keys
 from flask_app.redis_pool import blocking_pool
 
 CROWD = 400  # clients of one worker dropped at once: more than a Redis pool's 100
@@ -344,5 +345,34 @@ def test_a_failed_replay_is_retried_until_the_gap_is_filled(tmp_path, worker_fac
         got = alice.wait_for("message", lambda got: len(got) >= len(expected), timeout=30)
         assert [m["id"] for m in got] == expected
         assert alice.sio.connected
+    finally:
+        server.stop()
+
+
+def test_at_the_memory_bound_sends_are_refused_and_nothing_unstored_is_acked(
+        tmp_path, worker_factory, clients, room):
+    server = RedisServer(tmp_path).start()
+    try:
+        admin = redis.Redis.from_url(server.url, decode_responses=True)
+        admin.config_set("maxmemory-policy", "noeviction")
+        worker = worker_factory("bounded-memory", redis_url=server.url)
+        alice = clients("alice").connect(worker)
+        alice.join(room)
+        admin.config_set("maxmemory", admin.info("memory")["used_memory"] + 256 * 1024)
+        acked, refusal = [], None
+        for n in range(2000):  # 256 KiB hold about 150 messages of 1,500 characters
+            ack = alice.send(room, f"{n} " + "x" * 1500)
+            if not ack["ok"]:
+                refusal = ack
+                break
+            acked.append(ack["id"])
+        assert refusal is not None and refusal["error"] == "storage_full", refusal
+        stream = [entry_id for entry_id, _ in admin.xrange(Keys("scalechat:").room_stream(room))]
+        assert stream == acked  # every ok was stored, nothing refused was
+        bob = clients("bob").connect(worker)
+        assert bob.join(room)["members"] == ["alice", "bob"]  # joining still works at the bound
+        assert requests.get(worker.url + "/readyz", timeout=5).ok
+        admin.config_set("maxmemory", 0)
+        assert alice.send(room, "room again")["ok"]
     finally:
         server.stop()
