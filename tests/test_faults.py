@@ -71,9 +71,12 @@ def check_everyone_has_the_stream(stack, room, clients, conversation):
 
 def run_fault(stack, room, clients, fault):
     with Conversation(clients, room) as conversation:
-        time.sleep(3)
+        wait_until(lambda: len(conversation.acked) >= 2 * CLIENTS, timeout=60,
+                   what="the conversation to be under way")
         fault()
-        time.sleep(3)
+        after = len(conversation.acked)
+        wait_until(lambda: len(conversation.acked) >= after + 2 * CLIENTS, timeout=90,
+                   what="the conversation to go on after the fault")
     count = check_everyone_has_the_stream(stack, room, clients, conversation)
     assert count >= CLIENTS * 3
     print(f"\n{fault.__name__}: {count} messages, {count * len(clients)} deliveries, "

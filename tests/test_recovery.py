@@ -94,7 +94,8 @@ def test_a_redis_restart_loses_nothing_and_needs_no_reconnect(own_redis, worker_
 
     # the listeners retry after 1 s, then 2 s more: Redis is back in between, so they
     # re-subscribe only after the next sends are stored, and must catch up from the stream
-    time.sleep(1.5)
+    wait_until(lambda: all("retrying in 2 secs" in w.log_path.read_text() for w in (w1, w2)),
+               what="both listeners to have failed to reconnect once")
     start_persistent(own_redis)
     during = wait_until(lambda: (ack := alice.send(room, "during the outage",
                                                    client_id="outage-msg"))["ok"] and ack,
