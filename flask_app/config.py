@@ -51,6 +51,13 @@ class Config:
         default=200, metadata={"env": "SCALECHAT_HISTORY_MAX_LIMIT"})
     dedup_ttl: int = dataclasses.field(
         default=86400, metadata={"env": "SCALECHAT_DEDUP_TTL"})
+    # Replicas that must have a message before its sender gets `ok`; by default 1 when REDIS_URL
+    # names a Sentinel set (which has replicas), else 0 (a single Redis).
+    min_replicas: int = dataclasses.field(
+        default=None, metadata={"env": "SCALECHAT_MIN_REPLICAS", "min": 0})
+    # Milliseconds a send waits for those replicas before it is answered `unavailable`.
+    replica_timeout: int = dataclasses.field(
+        default=1000, metadata={"env": "SCALECHAT_REPLICA_TIMEOUT"})
     presence_ttl: int = dataclasses.field(
         default=30, metadata={"env": "SCALECHAT_PRESENCE_TTL"})
     max_payload: int = dataclasses.field(
@@ -93,9 +100,17 @@ class Config:
         return cls(**values)
 
     def __post_init__(self):
+        if self.min_replicas is None:
+            object.__setattr__(self, "min_replicas",
+                               1 if self.redis_url.startswith("redis+sentinel://") else 0)
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
-            if field.type in (int, float) and value <= 0:
+            if field.type not in (int, float):
+                continue
+            if "min" in field.metadata and value < field.metadata["min"]:
+                raise ConfigError(f"{field.metadata['env']} must be at least "
+                                  f"{field.metadata['min']}, got {value!r}")
+            if "min" not in field.metadata and value <= 0:
                 raise ConfigError(
                     f"{field.metadata['env']} must be a positive number, got {value!r}")
         if not self.redis_url.startswith(("redis://", "rediss://", "unix://")):

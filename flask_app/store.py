@@ -1,6 +1,8 @@
 """Room messages in Redis Streams: store, deduplicate, publish, read history."""
 import time
 
+import redis
+
 # The host_id of the messages the script below publishes: no worker has it, so every
 # worker delivers them, the sender's included.
 STORE_HOST_ID = "scalechat-store"
@@ -18,6 +20,7 @@ local sent = ARGV[5] .. '\\031' .. ARGV[7]
 local existing = redis.call('HGET', KEYS[3], sent) or redis.call('HGET', KEYS[2], sent)
                  or redis.call('HGET', KEYS[4], sent)
 if existing then
+  redis.call('HSET', KEYS[3], sent, existing)  -- a write, so a WAIT after a retry covers the first
   return {existing, 0}
 end
 local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*',
@@ -44,6 +47,10 @@ return {entries, first and first[1] or '0-0'}
 
 LAST_POSSIBLE_ID = (2**64 - 1, 2**64 - 1)
 
+class NotReplicated(redis.RedisError):
+    """A message is stored on the master, but too few replicas have it yet to acknowledge it."""
+
+
 TOUCH_EVERY = 1.0  # seconds between two records of a room's activity by one worker
 TOUCHED_MAX = 10_000  # rooms remembered before the record starts afresh
 
@@ -65,12 +72,32 @@ class MessageStore:
         are kept in one hash per period of that length, until the next period ends.
         """
         period = int(time.time()) // self.config.dedup_ttl
-        message_id, created = self._append(
-            keys=[self.keys.room_stream(room),
-                  *(self.keys.dedup(room, p) for p in (period - 1, period, period + 1))],
-            args=[self.config.history_maxlen, (period + 2) * self.config.dedup_ttl,
-                  self.config.channel, room, user, text, client_id, STORE_HOST_ID])
+        keys = [self.keys.room_stream(room),
+                *(self.keys.dedup(room, p) for p in (period - 1, period, period + 1))]
+        args = [self.config.history_maxlen, (period + 2) * self.config.dedup_ttl,
+                self.config.channel, room, user, text, client_id, STORE_HOST_ID]
+        if not self.config.min_replicas:
+            message_id, created = self._append(keys=keys, args=args)
+        else:
+            message_id, created = self._append_replicated(keys, args)
         return message_id, bool(created)
+
+    def _append_replicated(self, keys, args):
+        """Store, then WAIT on the same connection until enough replicas have the write."""
+        for _ in range(2):
+            pipe = self.redis.pipeline(transaction=False)  # one connection for both
+            pipe.evalsha(self._append.sha, len(keys), *keys, *args)
+            pipe.execute_command("WAIT", self.config.min_replicas, self.config.replica_timeout)
+            try:
+                (message_id, created), replicas = pipe.execute()
+            except redis.exceptions.NoScriptError:
+                self.redis.script_load(APPEND_AND_PUBLISH)  # a new or restarted Redis
+                continue
+            if replicas < self.config.min_replicas:
+                raise NotReplicated(
+                    f"{replicas} of {self.config.min_replicas} replicas have message {message_id}")
+            return message_id, created
+        raise redis.exceptions.NoScriptError("the store script could not be loaded")
 
     def history(self, room, after=None, before=None, limit=50):
         """Return up to `limit` messages between the exclusive bounds, oldest first.

@@ -46,11 +46,19 @@ def test_config_reads_the_environment():
     assert Config.from_env({}).cors_allowed_origins is None
 
 
+def test_replicas_are_required_only_where_there_are_some():
+    assert Config.from_env({}).min_replicas == 0
+    assert Config.from_env({"SCALECHAT_MIN_REPLICAS": "2"}).min_replicas == 2
+    assert Config.from_env({"REDIS_URL": "redis://r:1/0", "SCALECHAT_MIN_REPLICAS": "0"}) \
+        .min_replicas == 0
+
+
 @pytest.mark.parametrize("env, variable", [
     ({"SCALECHAT_MAX_TEXT": "lots"}, "SCALECHAT_MAX_TEXT"),
     ({"SCALECHAT_PRESENCE_TTL": "0"}, "SCALECHAT_PRESENCE_TTL"),
     ({"REDIS_URL": "http://x"}, "REDIS_URL"),
     ({"SCALECHAT_ENV": "staging"}, "SCALECHAT_ENV"),
+    ({"SCALECHAT_MIN_REPLICAS": "-1"}, "SCALECHAT_MIN_REPLICAS"),
 ])
 def test_bad_settings_name_their_variable(env, variable):
     with pytest.raises(ConfigError, match=variable):
