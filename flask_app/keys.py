@@ -15,9 +15,9 @@ class Keys:
         """The room's message stream: history and ordering for every worker."""
         return f"{self.prefix}room:{{{room}}}:messages"
 
-    def dedup(self, room, user, client_id):
-        """The stream id first stored for a client's message id."""
-        return f"{self.prefix}room:{{{room}}}:dedup:{user}\x1f{client_id}"
+    def dedup(self, room, user_id, client_id):
+        """The stream id first stored for a user's client message id."""
+        return f"{self.prefix}room:{{{room}}}:dedup:{user_id}\x1f{client_id}"
 
     def presence_expiry(self, room):
         """Connections in the room, scored by the time their heartbeat expires."""

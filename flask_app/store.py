@@ -8,17 +8,19 @@ STORE_HOST_ID = "scalechat-store"
 # Socket.IO channel is the order of the stream on every worker, and a retried
 # client_id returns the first id without a second store or broadcast.
 # The published envelope is python-socketio's pub/sub `emit` message (ARGV[8] is
-# STORE_HOST_ID).
+# STORE_HOST_ID). ARGV[5] is the sender's name at send time, ARGV[9] its user id.
 APPEND_AND_PUBLISH = """
 local existing = redis.call('GET', KEYS[2])
 if existing then
   return {existing, 0}
 end
 local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*',
-                      'user', ARGV[5], 'text', ARGV[6], 'client_id', ARGV[7])
+                      'user', ARGV[5], 'text', ARGV[6], 'client_id', ARGV[7],
+                      'user_id', ARGV[9])
 redis.call('SET', KEYS[2], id, 'EX', ARGV[2])
 local message = {id = id, room = ARGV[4], user = ARGV[5], text = ARGV[6],
-                 ts = tonumber(string.match(id, '^(%d+)')), client_id = ARGV[7]}
+                 ts = tonumber(string.match(id, '^(%d+)')), client_id = ARGV[7],
+                 user_id = ARGV[9]}
 redis.call('PUBLISH', ARGV[3], cjson.encode({
   method = 'emit', event = 'message', data = {message}, namespace = '/',
   room = ARGV[4], host_id = ARGV[8]}))
@@ -50,11 +52,12 @@ class MessageStore:
         self._touched = {}  # room -> when this worker last recorded activity there
 
     def append(self, room, user, text, client_id):
-        """Store a message and broadcast it to the room; return (id, stored_now)."""
+        """Store a message of `user` and broadcast it to the room; return (id, stored_now)."""
         message_id, created = self._append(
-            keys=[self.keys.room_stream(room), self.keys.dedup(room, user, client_id)],
+            keys=[self.keys.room_stream(room), self.keys.dedup(room, user.id, client_id)],
             args=[self.config.history_maxlen, self.config.dedup_ttl,
-                  self.config.channel, room, user, text, client_id, STORE_HOST_ID])
+                  self.config.channel, room, user.name, text, client_id, STORE_HOST_ID,
+                  user.id])
         return message_id, bool(created)
 
     def history(self, room, after=None, before=None, limit=50):
@@ -115,8 +118,12 @@ class MessageStore:
 
 
 def message(room, message_id, fields):
-    """Return the wire form of a stored message; its time comes from its id."""
+    """Return the wire form of a stored message; its time comes from its id.
+
+    Messages stored before users had ids have a `user_id` of None.
+    """
     return {"id": message_id, "room": room, "user": fields["user"],
+            "user_id": fields.get("user_id"),
             "text": fields["text"], "ts": int(message_id.split("-", 1)[0]),
             "client_id": fields["client_id"]}
 
