@@ -12,6 +12,7 @@ import uuid
 
 import redis
 
+from flask_app.auth import User
 from flask_app.config import Config
 from flask_app.keys import Keys
 from flask_app.store import MessageStore
@@ -39,7 +40,8 @@ def measure(client, rooms, per_room, text_length):
     text = "x" * text_length
     for n in range(per_room):
         for r in range(rooms):
-            store.append(f"room-{r:04d}", f"user-{n % 50:02d}", text, uuid.uuid4().hex)
+            user = User(f"user-{n % 50:02d}", f"User {n % 50:02d}")
+            store.append(f"room-{r:04d}", user, text, uuid.uuid4().hex)
     return (client.info("memory")["used_memory"] - before) / (rooms * per_room)
 
 

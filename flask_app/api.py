@@ -18,31 +18,31 @@ def report_unavailable(exc):
     return jsonify(error="unavailable", detail="the message store is unavailable"), 503
 
 
+@bp.errorhandler(auth.Unauthorized)
+def refuse_credentials(exc):
+    return (jsonify(error="unauthorized", detail=exc.detail), 401,
+            {"WWW-Authenticate": 'Bearer realm="scalechat"'})
+
+
 @bp.post("/session")
 def create_session():
-    """Issue a signed token for a display name."""
+    """Issue a guest token for a display name: a new user of its own."""
+    tokens = get_services().tokens
+    if not tokens.guest_login:
+        return jsonify(error="guest_login_off",
+                       detail="guest sign-in is off: connect with a token from the site"), 403
     data = request.get_json(silent=True)
     if not isinstance(data, dict):
         raise validation.ValidationError("invalid_payload", 'send a JSON object {"name": ...}')
-    user = validation.name(data.get("name"))
-    return jsonify(token=get_services().tokens.issue(user), user=user)
-
-
-def _require_user():
-    user = auth.request_user(get_services().tokens, request)
-    if user is None:
-        return None, (jsonify(error="unauthorized",
-                              detail="send Authorization: Bearer <token> or sign in"), 401)
-    return user, None
+    user = auth.new_guest(validation.name(data.get("name")))
+    return jsonify(token=tokens.issue(user), user=user.name, user_id=user.id)
 
 
 @bp.get("/rooms/<room>/messages")
 def room_messages(room):
     """Return a page of a room's history, oldest first."""
-    _, refusal = _require_user()
-    if refusal:
-        return refusal
     services = get_services()
+    auth.request_user(services.tokens)
     config = services.config
     room = validation.room(room)
     messages = services.store.history(
@@ -57,10 +57,9 @@ def room_messages(room):
 @bp.get("/rooms")
 def rooms():
     """Return the most recently active rooms with their online counts."""
-    _, refusal = _require_user()
-    if refusal:
-        return refusal
-    return jsonify(rooms=room_list(get_services()))
+    services = get_services()
+    auth.request_user(services.tokens)
+    return jsonify(rooms=room_list(services))
 
 
 def room_list(services, count=50):

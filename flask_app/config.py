@@ -8,8 +8,21 @@ import os
 import socket
 from pathlib import Path
 
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_SECRET_KEY = "dev-insecure-secret-key"
+
+
+# The key each JWT algorithm verifies with.
+ALGORITHM_KEYS = {
+    **{f"HS{bits}": "secret" for bits in (256, 384, 512)},
+    **{f"{kind}{bits}": rsa.RSAPublicKey for kind in ("RS", "PS") for bits in (256, 384, 512)},
+    **{f"ES{bits}": ec.EllipticCurvePublicKey for bits in (256, 384, 512)},
+}
+EC_ALGORITHMS = {"secp256r1": "ES256", "secp384r1": "ES384", "secp521r1": "ES512"}
 
 
 class ConfigError(ValueError):
@@ -83,6 +96,29 @@ class Config:
     # Send the session cookie over HTTPS only (set behind a TLS-terminating proxy).
     secure_cookies: bool = dataclasses.field(
         default=False, metadata={"env": "SCALECHAT_SECURE_COOKIES"})
+    # Site tokens (JWT, docs/protocol.md): the secret shared with the site's backend for HS256,
+    # at least 32 bytes; empty: none.
+    jwt_secret: str = dataclasses.field(
+        default="", metadata={"env": "SCALECHAT_JWT_SECRET"})
+    # The public key of RS256/ES256 site tokens: PEM text, or the path of a PEM file; empty: none.
+    jwt_public_key: str = dataclasses.field(
+        default="", metadata={"env": "SCALECHAT_JWT_PUBLIC_KEY"})
+    # Accepted JWT algorithms; empty: HS256 with a secret, and RS256 or ES256 (by the key's
+    # type) with a public key.
+    jwt_algorithms: tuple = dataclasses.field(
+        default=(), metadata={"env": "SCALECHAT_JWT_ALGORITHMS"})
+    # The `aud` and `iss` site tokens must carry; empty: not checked.
+    jwt_audience: str = dataclasses.field(
+        default="", metadata={"env": "SCALECHAT_JWT_AUDIENCE"})
+    jwt_issuer: str = dataclasses.field(
+        default="", metadata={"env": "SCALECHAT_JWT_ISSUER"})
+    # Seconds of clock difference with the site forgiven on exp, nbf and iat (0 or more).
+    jwt_leeway: int = dataclasses.field(
+        default=10, metadata={"env": "SCALECHAT_JWT_LEEWAY", "min": 0})
+    # Guest sign-in under a display name (POST /api/session, the lobby's form); empty: on
+    # unless a site key (SCALECHAT_JWT_SECRET or SCALECHAT_JWT_PUBLIC_KEY) is set.
+    guest_login: bool = dataclasses.field(
+        default=None, metadata={"env": "SCALECHAT_GUEST_LOGIN"})
     node_modules: str = dataclasses.field(
         default=str(PROJECT_ROOT / "node_modules"),
         metadata={"env": "SCALECHAT_NODE_MODULES"})
@@ -125,6 +161,58 @@ class Config:
                               "the default is public")
         if not self.worker_id:
             object.__setattr__(self, "worker_id", f"{socket.gethostname()}-{os.getpid()}")
+        self._check_site_tokens()
+
+    def _check_site_tokens(self):
+        if self.jwt_secret and len(self.jwt_secret.encode()) < 32:
+            raise ConfigError("SCALECHAT_JWT_SECRET must be at least 32 bytes (256 bits); "
+                              "make one with: python3 -c 'import secrets; "
+                              "print(secrets.token_urlsafe(32))'")
+        if self.jwt_public_key and not self.jwt_public_key.lstrip().startswith("-----BEGIN"):
+            try:
+                pem = Path(self.jwt_public_key).read_text()
+            except (OSError, UnicodeDecodeError) as exc:
+                raise ConfigError(f"SCALECHAT_JWT_PUBLIC_KEY is neither PEM text nor a "
+                                  f"readable PEM file: {exc}") from None
+            object.__setattr__(self, "jwt_public_key", pem)
+        key = self.public_key()
+        if not self.jwt_algorithms:
+            defaults = (["HS256"] if self.jwt_secret else []) + (
+                [default_algorithm(key)] if key is not None else [])
+            object.__setattr__(self, "jwt_algorithms", tuple(defaults))
+        for alg in self.jwt_algorithms:
+            needs = ALGORITHM_KEYS.get(alg)
+            if needs is None:
+                raise ConfigError(f"SCALECHAT_JWT_ALGORITHMS: {alg!r} is not one of "
+                                  f"{', '.join(ALGORITHM_KEYS)}")
+            if needs == "secret" and not self.jwt_secret:
+                raise ConfigError(f"SCALECHAT_JWT_ALGORITHMS lists {alg}, which needs "
+                                  "SCALECHAT_JWT_SECRET")
+            if needs != "secret" and not isinstance(key, needs):
+                raise ConfigError(f"SCALECHAT_JWT_ALGORITHMS lists {alg}, which needs "
+                                  f"SCALECHAT_JWT_PUBLIC_KEY to be an {needs.__name__}")
+            if alg.startswith("ES") and EC_ALGORITHMS[key.curve.name] != alg:
+                raise ConfigError(f"SCALECHAT_JWT_ALGORITHMS lists {alg}, but the curve of "
+                                  f"SCALECHAT_JWT_PUBLIC_KEY ({key.curve.name}) is for "
+                                  f"{EC_ALGORITHMS[key.curve.name]}")
+        if self.guest_login is None:
+            object.__setattr__(self, "guest_login",
+                               not (self.jwt_secret or self.jwt_public_key))
+
+    def public_key(self):
+        """Return the loaded public key of site tokens, or None."""
+        if not self.jwt_public_key:
+            return None
+        try:
+            key = serialization.load_pem_public_key(self.jwt_public_key.encode())
+        except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+            raise ConfigError(f"SCALECHAT_JWT_PUBLIC_KEY is not a PEM public key: {exc}") from None
+        if not isinstance(key, (rsa.RSAPublicKey, ec.EllipticCurvePublicKey)):
+            raise ConfigError("SCALECHAT_JWT_PUBLIC_KEY must be an RSA or EC public key")
+        if isinstance(key, ec.EllipticCurvePublicKey) and key.curve.name not in EC_ALGORITHMS:
+            raise ConfigError(f"SCALECHAT_JWT_PUBLIC_KEY is on curve {key.curve.name}; "
+                              f"use one of {', '.join(EC_ALGORITHMS)}")
+        return key
 
     @property
     def cors_allowed_origins(self):
@@ -134,6 +222,11 @@ class Config:
         if self.allowed_origins == ("*",):
             return "*"
         return list(self.allowed_origins)
+
+
+def default_algorithm(key):
+    """Return the algorithm a public key verifies by default: RS256, or ES* by its curve."""
+    return "RS256" if isinstance(key, rsa.RSAPublicKey) else EC_ALGORITHMS[key.curve.name]
 
 
 def _parse(field, raw):
@@ -149,9 +242,9 @@ def _parse(field, raw):
         except ValueError:
             raise ConfigError(f"{name} must be a number, got {raw!r}") from None
     if field.type is bool:
-        if raw.lower() not in ("1", "true", "yes", "0", "false", "no"):
-            raise ConfigError(f"{name} must be true or false, got {raw!r}")
-        return raw.lower() in ("1", "true", "yes")
+        if raw.lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            raise ConfigError(f"{name} must be true or false (on or off), got {raw!r}")
+        return raw.lower() in ("1", "true", "yes", "on")
     if field.type is tuple:
         return tuple(part.strip() for part in raw.split(",") if part.strip())
     return raw

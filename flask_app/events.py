@@ -62,11 +62,14 @@ class ChatNamespace(socketio.Namespace):
         self.in_flight = 0
 
     def on_connect(self, sid, environ, auth_data=None):
-        user = auth.connect_user(self.app, self.tokens, environ, auth_data)
-        if user is None:
+        try:
+            user = auth.connect_user(self.app, self.tokens, environ, auth_data)
+        except auth.Unauthorized as exc:
             self.metrics.refused.inc()
-            log.info("connect refused", extra={"sid": sid, "reason": "unauthorized"})
-            raise socketio.exceptions.ConnectionRefusedError("unauthorized")
+            log.info("connect refused", extra={"sid": sid, "reason": "unauthorized",
+                                               "detail": exc.detail})
+            raise socketio.exceptions.ConnectionRefusedError(
+                "unauthorized", {"detail": exc.detail}) from None
         self.presence.connect(sid, user)
         self.buckets[sid] = ratelimit.TokenBucket(self.config.rate_limit, self.config.rate_burst)
         self.metrics.connects.inc()
@@ -169,7 +172,8 @@ class ChatNamespace(socketio.Namespace):
     def on_typing(self, sid, data):
         room = validation.room(data.get("room"))
         conn = self._member(sid, room)
-        self.emit("typing", {"room": room, "user": conn.user}, room=room, skip_sid=sid)
+        self.emit("typing", {"room": room, "user": conn.user.name, "user_id": conn.user.id},
+                  room=room, skip_sid=sid)
         return {"ok": True}
 
     def drain(self):
@@ -224,4 +228,5 @@ class ChatNamespace(socketio.Namespace):
 
     def _announce_leaves(self, room, left, gone):
         for user in [*left, *gone]:
-            self.emit("presence", {"room": room, "user": user, "state": "leave"}, room=room)
+            self.emit("presence", {"room": room, "user": user.name, "user_id": user.id,
+                                   "state": "leave"}, room=room)

@@ -25,7 +25,7 @@ class Keys:
         return f"{self.prefix}room:{{{room}}}:presence:expiry"
 
     def presence_index(self, room):
-        """The same connections with score 0, ordered by `user<US>sid` for prefix look-ups."""
+        """The same connections, scored 0, in `user_id<US>sid<US>name` order for prefix look-ups."""
         return f"{self.prefix}room:{{{room}}}:presence:index"
 
     def rooms(self):

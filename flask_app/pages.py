@@ -4,7 +4,7 @@ from pathlib import Path
 from flask import (Blueprint, abort, redirect, render_template, request,
                    send_from_directory, session, url_for)
 
-from . import validation
+from . import auth, validation
 from .api import room_list
 from .services import get_services
 
@@ -28,31 +28,42 @@ def add_security_headers(response):
     return response
 
 
+def browser_user():
+    """Return the guest this browser signed in as, or None (also once guests are turned off)."""
+    try:
+        return auth.session_user(get_services().tokens)
+    except auth.Unauthorized:
+        return None
+
+
 @bp.get("/")
 def lobby():
     """Show the sign-in form, or the rooms with their online counts."""
-    user = session.get("user")
+    user = browser_user()
     rooms = room_list(get_services()) if user else []
     return render_template("lobby.html", user=user, rooms=rooms,
+                           guest_login=get_services().tokens.guest_login,
                            next=request.args.get("next", ""))
 
 
 @bp.post("/login")
 def login():
-    """Sign a browser in under a display name, kept in the session cookie."""
+    """Sign a browser in as a new guest under a display name, kept in the session cookie."""
+    if not get_services().tokens.guest_login:
+        return render_template("lobby.html", user=None, rooms=[], guest_login=False), 403
     try:
-        user = validation.name(request.form.get("name"))
+        name = validation.name(request.form.get("name"))
     except validation.ValidationError as exc:
         return render_template("lobby.html", user=None, rooms=[], error=exc.detail,
-                               next=request.form.get("next", "")), 400
-    session["user"] = user
+                               guest_login=True, next=request.form.get("next", "")), 400
+    auth.sign_in(auth.new_guest(name))
     target = request.form.get("next", "")
     return redirect(target if target.startswith("/rooms/") else url_for("pages.lobby"))
 
 
 @bp.post("/logout")
 def logout():
-    session.pop("user", None)
+    session.clear()
     return redirect(url_for("pages.lobby"))
 
 
@@ -62,7 +73,7 @@ def open_room():
     try:
         room = validation.room(request.form.get("room", "").strip().lower())
     except validation.ValidationError as exc:
-        return render_template("lobby.html", user=session.get("user"),
+        return render_template("lobby.html", user=browser_user(),
                                rooms=room_list(get_services()), error=exc.detail), 400
     return redirect(url_for("pages.room", room=room))
 
@@ -74,7 +85,7 @@ def room(room):
         room = validation.room(room)
     except validation.ValidationError as exc:
         abort(404, exc.detail)
-    user = session.get("user")
+    user = browser_user()
     if user is None:
         return redirect(url_for("pages.lobby", next=request.path))
     return render_template("room.html", user=user, room=room,

@@ -1,15 +1,18 @@
 """Who is online in each room, across every worker, expiring with heartbeats.
 
-A connection in a room is the member `user<US>sid` of two sorted sets: one
-scored by the time its heartbeat expires, one scored 0 so that a lexical range
-finds a user's connections. A user with two tabs is one member of the room;
-a worker that dies stops refreshing its connections and they expire.
+A connection in a room is the member `user_id<US>sid<US>name` of two sorted sets:
+one scored by the time its heartbeat expires, one scored 0 so that a lexical range
+finds a user's connections. A user with two tabs is one member of the room, two
+users of the same name are two; a worker that dies stops refreshing its
+connections and they expire.
 """
 import dataclasses
 import logging
 
 import gevent
 import gevent.lock
+
+from .auth import User
 
 log = logging.getLogger(__name__)
 
@@ -20,7 +23,7 @@ ANNOUNCER_HOST_ID = "scalechat-presence"  # the host_id of the joins JOIN announ
 # bounded by the connections; stored messages are what noeviction refuses), the time from
 # Redis (one clock for all workers),
 # the look-up of a user's connections, and the removal of expired ones,
-# which returns the users that have no connection left.
+# which returns a member of each user that has no connection left.
 _LIB = """#!lua flags=allow-oom
 local SEP = '\\031'
 local function now_ms()
@@ -43,14 +46,14 @@ local function purge(expiry, index, now)
     local user = string.match(member, '^(.-)' .. SEP)
     if user and not seen[user] and not has_user(index, user) then
       seen[user] = true
-      table.insert(gone, user)
+      table.insert(gone, member)
     end
   end
   return gone
 end
 """
 
-# KEYS: expiry, index. ARGV: user, sid, ttl_ms, channel, room, ANNOUNCER_HOST_ID.
+# KEYS: expiry, index. ARGV: user_id, sid, ttl_ms, channel, room, ANNOUNCER_HOST_ID, name.
 # Returns {users gone, every connection now in the room}: one round trip per join. A user
 # new to a room with other members is announced to them on the Socket.IO channel, as
 # python-socketio's pub/sub `emit` message, from a host_id no worker has (all deliver it).
@@ -58,22 +61,22 @@ JOIN = _LIB + """
 local now = now_ms()
 local gone = purge(KEYS[1], KEYS[2], now)
 local fresh = not has_user(KEYS[2], ARGV[1])
-local member = ARGV[1] .. SEP .. ARGV[2]
+local member = ARGV[1] .. SEP .. ARGV[2] .. SEP .. ARGV[7]
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), member)
 redis.call('ZADD', KEYS[2], 0, member)
 local connections = redis.call('ZRANGE', KEYS[2], 0, -1)
 if fresh and #connections > 1 then
   redis.call('PUBLISH', ARGV[4], cjson.encode({
     method = 'emit', event = 'presence', namespace = '/', room = ARGV[5],
-    data = {{room = ARGV[5], user = ARGV[1], state = 'join'}},
+    data = {{room = ARGV[5], user_id = ARGV[1], user = ARGV[7], state = 'join'}},
     skip_sid = ARGV[2], host_id = ARGV[6]}))
 end
 return {gone, connections}
 """
 
-# KEYS: expiry, index. ARGV: user, sid. Returns {absent, gone...}.
+# KEYS: expiry, index. ARGV: user_id, sid, name. Returns {absent, gone...}.
 LEAVE = _LIB + """
-local member = ARGV[1] .. SEP .. ARGV[2]
+local member = ARGV[1] .. SEP .. ARGV[2] .. SEP .. ARGV[3]
 local removed = redis.call('ZREM', KEYS[1], member)
 redis.call('ZREM', KEYS[2], member)
 local gone = purge(KEYS[1], KEYS[2], now_ms())
@@ -106,7 +109,7 @@ return redis.call('ZRANGE', KEYS[2], 0, -1)
 class LocalConnection:
     """A Socket.IO connection on this worker and the rooms it joined."""
 
-    user: str
+    user: User
     rooms: set = dataclasses.field(default_factory=set)
 
 
@@ -145,13 +148,14 @@ class Presence:
         """
         conn = self.local[sid]
         # EVAL, not EVALSHA: redis-py checks a pipeline's scripts with SCRIPT EXISTS first
-        pipe.eval(JOIN, 2, *self._room_keys(room), conn.user, sid, self.ttl_ms,
-                  self.channel, room, ANNOUNCER_HOST_ID)
+        pipe.eval(JOIN, 2, *self._room_keys(room), conn.user.id, sid, self.ttl_ms,
+                  self.channel, room, ANNOUNCER_HOST_ID, conn.user.name)
 
         def read(reply):
             gone, connections = reply
             conn.rooms.add(room)
-            return [user for user in gone if user != conn.user], users_of(connections)
+            return ([user for user in map(user_of, gone) if user.id != conn.user.id],
+                    users_of(connections))
         return read
 
     def leave(self, sid, room):
@@ -159,8 +163,9 @@ class Presence:
         conn = self.local[sid]
         with self._beating:
             conn.rooms.discard(room)
-            absent, *gone = self._leave(keys=self._room_keys(room), args=[conn.user, sid])
-        return bool(absent), gone
+            absent, *gone = self._leave(keys=self._room_keys(room),
+                                        args=[conn.user.id, sid, conn.user.name])
+        return bool(absent), [user_of(member) for member in gone]
 
     def disconnect(self, sid):
         """Forget a local connection once it has left its rooms."""
@@ -183,14 +188,16 @@ class Presence:
         by_room = {}
         for sid, conn in list(self.local.items()):
             for room in conn.rooms:
-                by_room.setdefault(room, []).append(conn.user + SEPARATOR + sid)
+                by_room.setdefault(room, []).append(
+                    SEPARATOR.join((conn.user.id, sid, conn.user.name)))
         if not by_room:
             return {}
         pipe = self.redis.pipeline(transaction=False)
         for room, members in by_room.items():
             self._heartbeat(keys=self._room_keys(room), args=[self.ttl_ms, *members],
                             client=pipe)
-        return {room: gone for room, gone in zip(by_room, pipe.execute()) if gone}
+        return {room: [user_of(member) for member in gone]
+                for room, gone in zip(by_room, pipe.execute()) if gone}
 
     def start_heartbeat(self, on_beat):
         """Refresh presence every third of its lifetime in a background greenlet, once.
@@ -209,6 +216,14 @@ class Presence:
                 log.exception("presence heartbeat failed; retrying")
 
 
+def user_of(member):
+    """Return the user of a `user_id<US>sid<US>name` member (`name<US>sid` before ids)."""
+    user_id, _, rest = member.partition(SEPARATOR)
+    return User(user_id, rest.partition(SEPARATOR)[2] or user_id)
+
+
 def users_of(connections):
-    """Return the distinct users, sorted, of `user<US>sid` members."""
-    return sorted({member.split(SEPARATOR, 1)[0] for member in connections})
+    """Return the distinct users of members as [{"id", "name"}], sorted by name, then id."""
+    users = {user.id: user for user in map(user_of, connections)}
+    return [{"id": user.id, "name": user.name}
+            for user in sorted(users.values(), key=lambda user: (user.name, user.id))]

@@ -33,7 +33,7 @@ class Services:
         client = redis.Redis(connection_pool=pool)
         keys = Keys(config.key_prefix)
         return cls(config=config, redis=client,
-                   tokens=Tokens(config.secret_key, config.token_ttl),
+                   tokens=Tokens(config),
                    store=MessageStore(client, keys, config),
                    presence=Presence(client, keys, config.presence_ttl, config.channel),
                    metrics=WorkerMetrics(config.worker_id))

@@ -14,21 +14,27 @@ STORE_HOST_ID = "scalechat-store"
 # (a retry on a worker whose clock is a little off still finds the first send); a message's
 # record goes into this period's hash, which expires at the end of the next period (ARGV[2]).
 # The published envelope is python-socketio's pub/sub `emit` message (ARGV[8] is
-# STORE_HOST_ID). Redis refuses the first write when it is out of memory: nothing is stored.
+# STORE_HOST_ID). ARGV[5] is the sender's name at send time, ARGV[9] its user id. Redis refuses
+# the first write when it is out of memory: nothing is stored.
 APPEND_AND_PUBLISH = """
-local sent = ARGV[5] .. '\\031' .. ARGV[7]
+local sent = ARGV[9] .. '\\031' .. ARGV[7]
 local existing = redis.call('HGET', KEYS[3], sent) or redis.call('HGET', KEYS[2], sent)
                  or redis.call('HGET', KEYS[4], sent)
+local function record(id)  -- on a retry too: a write, so a WAIT after it covers the first
+  redis.call('HSET', KEYS[3], sent, id)
+  redis.call('EXPIREAT', KEYS[3], ARGV[2], 'NX')
+end
 if existing then
-  redis.call('HSET', KEYS[3], sent, existing)  -- a write, so a WAIT after a retry covers the first
+  record(existing)
   return {existing, 0}
 end
 local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*',
-                      'user', ARGV[5], 'text', ARGV[6], 'client_id', ARGV[7])
-redis.call('HSET', KEYS[3], sent, id)
-redis.call('EXPIREAT', KEYS[3], ARGV[2], 'NX')
+                      'user', ARGV[5], 'text', ARGV[6], 'client_id', ARGV[7],
+                      'user_id', ARGV[9])
+record(id)
 local message = {id = id, room = ARGV[4], user = ARGV[5], text = ARGV[6],
-                 ts = tonumber(string.match(id, '^(%d+)')), client_id = ARGV[7]}
+                 ts = tonumber(string.match(id, '^(%d+)')), client_id = ARGV[7],
+                 user_id = ARGV[9]}
 redis.call('PUBLISH', ARGV[3], cjson.encode({
   method = 'emit', event = 'message', data = {message}, namespace = '/',
   room = ARGV[4], host_id = ARGV[8]}))
@@ -66,7 +72,7 @@ class MessageStore:
         self._touched = {}  # room -> when this worker last recorded activity there
 
     def append(self, room, user, text, client_id):
-        """Store a message and broadcast it to the room; return (id, stored_now).
+        """Store a message of `user` and broadcast it to the room; return (id, stored_now).
 
         A retry with the same client_id is recognised for at least SCALECHAT_DEDUP_TTL: records
         are kept in one hash per period of that length, until the next period ends.
@@ -75,7 +81,7 @@ class MessageStore:
         keys = [self.keys.room_stream(room),
                 *(self.keys.dedup(room, p) for p in (period - 1, period, period + 1))]
         args = [self.config.history_maxlen, (period + 2) * self.config.dedup_ttl,
-                self.config.channel, room, user, text, client_id, STORE_HOST_ID]
+                self.config.channel, room, user.name, text, client_id, STORE_HOST_ID, user.id]
         if not self.config.min_replicas:
             message_id, created = self._append(keys=keys, args=args)
         else:
@@ -164,8 +170,12 @@ class MessageStore:
 
 
 def message(room, message_id, fields):
-    """Return the wire form of a stored message; its time comes from its id."""
+    """Return the wire form of a stored message; its time comes from its id.
+
+    Messages stored before users had ids have a `user_id` of None.
+    """
     return {"id": message_id, "room": room, "user": fields["user"],
+            "user_id": fields.get("user_id"),
             "text": fields["text"], "ts": int(message_id.split("-", 1)[0]),
             "client_id": fields["client_id"]}
 

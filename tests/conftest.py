@@ -178,10 +178,14 @@ class Worker:
         stop_process(self.proc, sig)
         self.log.close()
 
-    def token(self, name):
+    def sign_in(self, name):
+        """Sign in as a new guest; return {"token", "user", "user_id"}."""
         response = requests.post(self.url + "/api/session", json={"name": name}, timeout=5)
         response.raise_for_status()
-        return response.json()["token"]
+        return response.json()
+
+    def token(self, name):
+        return self.sign_in(name)["token"]
 
 
 class InOrderEngineIOClient(engineio.Client):
@@ -226,6 +230,7 @@ class ChatClient:
         self.sio = InOrderClient(reconnection=False)
         self.events = {"message": [], "presence": [], "typing": [], "announcement": []}
         self.connect_error = None
+        self.token = self.user_id = None
         self._changed = threading.Condition()
         for event in self.events:
             self.sio.on(event, self._recorder(event))
@@ -242,7 +247,11 @@ class ChatClient:
         self.connect_error = data
 
     def connect(self, worker, token=None, transports=("websocket",), **kwargs):
-        token = worker.token(self.name) if token is None else token
+        """Connect with `token`, or as a new guest under this client's name."""
+        if token is None:
+            guest = worker.sign_in(self.name)
+            token, self.user_id = guest["token"], guest["user_id"]
+        self.token = token
         self.sio.connect(worker.url, auth={"token": token}, transports=list(transports),
                          wait_timeout=10, **kwargs)
         return self

@@ -55,7 +55,8 @@ def test_a_browser_signs_in_and_its_cookie_opens_a_socket(workers, room):
     page = browser.post(w1.url + "/login", data={"name": "alice", "next": f"/rooms/{room}"},
                         timeout=5)
     assert page.status_code == 200 and page.url.endswith(f"/rooms/{room}")
-    assert f'data-room="{room}"' in page.text and 'data-user="alice"' in page.text
+    user_id = re.search(r'data-user-id="(guest:[\w-]+)"', page.text).group(1)
+    assert f'data-room="{room}"' in page.text and "<strong>alice</strong>" in page.text
     script = browser.get(w1.url + "/vendor/socket.io.min.js", timeout=5)
     assert script.status_code == 200 and "io" in script.text
 
@@ -64,7 +65,7 @@ def test_a_browser_signs_in_and_its_cookie_opens_a_socket(workers, room):
     client.sio.connect(w2.url, headers={"Cookie": cookie}, transports=["websocket"],
                        wait_timeout=10)
     try:
-        assert client.join(room)["members"] == ["alice"]
+        assert client.join(room)["members"] == [{"id": user_id, "name": "alice"}]
         rooms_page = browser.get(w1.url + "/", timeout=5).text
         assert re.search(rf"#{room}</a>\s*<span class=\"online\">1 online", rooms_page)
     finally:

@@ -157,7 +157,7 @@ def test_logs_are_json_lines_naming_the_worker(worker_factory, clients, room):
     records = [json.loads(line) for line in worker.log_path.read_text().splitlines() if line]
     assert all(record["worker"] == "logger" for record in records)
     events = {record["message"]: record for record in records}
-    assert events["connect"]["user"] == "alice" and events["connect"]["sid"]
+    assert events["connect"]["user"]["name"] == "alice" and events["connect"]["sid"]
     assert events["join"]["room"] == room
     assert events["disconnect"]["rooms"] == [room]
 

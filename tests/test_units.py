@@ -4,7 +4,7 @@ import pytest
 import redis
 
 from flask_app import validation
-from flask_app.auth import Tokens
+from flask_app.auth import GuestTokens, Unauthorized, User
 from flask_app.config import Config, ConfigError
 from flask_app.keys import Keys
 from flask_app.store import MessageStore
@@ -81,12 +81,13 @@ def test_chat_packets_find_binary_data_as_python_socketio_does(data):
 
 
 def test_tokens_read_and_are_read_by_itsdangerous_own_serializer():
-    tokens = Tokens("key", ttl_seconds=60)
+    tokens = GuestTokens("key", ttl_seconds=60)
     plain = itsdangerous.URLSafeTimedSerializer("key", salt="scalechat.token")
-    issued = tokens.issue("zoë")
-    assert plain.loads(issued) == {"user": "zoë"}
-    assert tokens.verify(plain.dumps({"user": "zoë"})) == "zoë"
-    assert tokens.verify(issued[:-2] + "xx") is None
+    issued = tokens.issue(User("guest:1", "zoë"))
+    assert plain.loads(issued) == {"user": "zoë", "id": "guest:1"}
+    assert tokens.verify(plain.dumps({"user": "zoë", "id": "guest:2"})) == User("guest:2", "zoë")
+    with pytest.raises(Unauthorized):
+        tokens.verify(issued[:-2] + "xx")
 
 
 class RecordingPipe:

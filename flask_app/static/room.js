@@ -4,7 +4,7 @@
 (function () {
   "use strict";
   const room = document.body.dataset.room;
-  const me = document.body.dataset.user;
+  const me = document.body.dataset.userId; // users are told apart by id: names may repeat
   const list = document.getElementById("messages");
   const members = document.getElementById("members");
   const status = document.getElementById("status");
@@ -15,8 +15,8 @@
 
   const seen = new Set();
   const pending = new Map(); // client_id -> payload, until the server acknowledges it
-  const online = new Set();
-  const typists = new Map(); // user -> timer
+  const online = new Map(); // user id -> display name
+  const typists = new Map(); // user id -> {name, timer}
   let lastTyping = 0;
   let lastId = null; // the newest message id shown: where a re-join resumes
 
@@ -35,7 +35,7 @@
     if (lastId === null || compareIds(msg.id, lastId) > 0) lastId = msg.id;
     const item = document.createElement("li");
     item.dataset.id = msg.id;
-    item.className = msg.user === me ? "mine" : "";
+    item.className = msg.user_id === me ? "mine" : "";
     const who = document.createElement("span");
     who.className = "user";
     who.textContent = msg.user;
@@ -56,9 +56,13 @@
   }
 
   function showMembers() {
-    members.replaceChildren(...[...online].sort().map((user) => {
+    const sorted = [...online].sort(([aId, aName], [bId, bName]) =>
+      aName.localeCompare(bName) || (aId < bId ? -1 : aId > bId ? 1 : 0));
+    members.replaceChildren(...sorted.map(([id, name]) => {
       const item = document.createElement("li");
-      item.textContent = user;
+      item.textContent = name;
+      item.title = id;
+      if (id === me) item.className = "me";
       return item;
     }));
   }
@@ -69,7 +73,7 @@
   }
 
   function showTyping() {
-    const names = [...typists.keys()];
+    const names = [...typists.values()].map((typist) => typist.name);
     typing.textContent = names.length ? names.join(", ") + (names.length > 1 ? " are" : " is") + " typing…" : "";
   }
 
@@ -108,7 +112,7 @@
       }
       ack.history.forEach(showMessage);
       online.clear();
-      ack.members.forEach((user) => online.add(user));
+      ack.members.forEach((member) => online.set(member.id, member.name));
       showMembers();
       const resend = () => pending.forEach(send);
       if (ack.missed_more && ack.history.length) loadAfter(ack.history[ack.history.length - 1].id, resend);
@@ -120,13 +124,15 @@
     join();
   });
   socket.on("disconnect", () => { status.textContent = "reconnecting…"; });
-  socket.on("connect_error", (err) => { status.textContent = "offline: " + err.message; });
+  socket.on("connect_error", (err) => {
+    status.textContent = "offline: " + err.message + (err.data && err.data.detail ? " (" + err.data.detail + ")" : "");
+  });
 
   socket.on("message", (msg) => {
     if (msg.room !== room) return;
     showMessage(msg);
-    const timer = typists.get(msg.user);
-    if (timer) { clearTimeout(timer); typists.delete(msg.user); showTyping(); }
+    const typist = typists.get(msg.user_id);
+    if (typist) { clearTimeout(typist.timer); typists.delete(msg.user_id); showTyping(); }
   });
   socket.on("announcement", (event) => {
     if (event.room && event.room !== room) return;
@@ -139,13 +145,17 @@
   });
   socket.on("presence", (event) => {
     if (event.room !== room) return;
-    if (event.state === "join") online.add(event.user); else online.delete(event.user);
+    if (event.state === "join") online.set(event.user_id, event.user); else online.delete(event.user_id);
     showMembers();
   });
   socket.on("typing", (event) => {
-    if (event.room !== room || event.user === me) return;
-    clearTimeout(typists.get(event.user));
-    typists.set(event.user, setTimeout(() => { typists.delete(event.user); showTyping(); }, 3000));
+    if (event.room !== room || event.user_id === me) return;
+    const typist = typists.get(event.user_id);
+    if (typist) clearTimeout(typist.timer);
+    typists.set(event.user_id, {
+      name: event.user,
+      timer: setTimeout(() => { typists.delete(event.user_id); showTyping(); }, 3000),
+    });
     showTyping();
   });
 
