@@ -8,6 +8,8 @@ import os
 import socket
 from pathlib import Path
 
+from . import redis_pool
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_SECRET_KEY = "dev-insecure-secret-key"
 
@@ -98,10 +100,10 @@ class Config:
             if field.type in (int, float) and value <= 0:
                 raise ConfigError(
                     f"{field.metadata['env']} must be a positive number, got {value!r}")
-        if not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
-            raise ConfigError(
-                f"REDIS_URL must start with redis://, rediss:// or unix://, "
-                f"got {self.redis_url!r}")
+        try:
+            redis_pool.parse_url(self.redis_url)
+        except ValueError as exc:
+            raise ConfigError(f"REDIS_URL {exc}") from None
         if self.env not in ("development", "production", "test"):
             raise ConfigError(
                 f"SCALECHAT_ENV must be development, production or test, got {self.env!r}")
