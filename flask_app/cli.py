@@ -3,16 +3,15 @@ import argparse
 import sys
 import time
 
-import socketio
-
 from . import metrics
 from .config import Config, ConfigError
+from .manager import PooledRedisManager
 from .validation import ValidationError, room as valid_room
 
 
 def announce(config, room, text):
     """Emit an `announcement` to a room, or to everyone, through Redis, from outside the workers."""
-    emitter = socketio.RedisManager(config.redis_url, channel=config.channel, write_only=True)
+    emitter = PooledRedisManager(config.redis_url, config.channel, pool_size=1, write_only=True)
     emitter.emit("announcement", {"room": room, "text": text, "ts": int(time.time() * 1000)},
                  room=room, namespace="/")
 

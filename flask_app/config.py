@@ -12,6 +12,8 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
+from . import redis_pool
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_SECRET_KEY = "dev-insecure-secret-key"
 
@@ -138,7 +140,7 @@ class Config:
     def __post_init__(self):
         if self.min_replicas is None:
             object.__setattr__(self, "min_replicas",
-                               1 if self.redis_url.startswith("redis+sentinel://") else 0)
+                               1 if self.redis_url.startswith(redis_pool.SENTINEL_SCHEMES) else 0)
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
             if field.type not in (int, float):
@@ -149,10 +151,10 @@ class Config:
             if "min" not in field.metadata and value <= 0:
                 raise ConfigError(
                     f"{field.metadata['env']} must be a positive number, got {value!r}")
-        if not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
-            raise ConfigError(
-                f"REDIS_URL must start with redis://, rediss:// or unix://, "
-                f"got {self.redis_url!r}")
+        try:
+            redis_pool.parse_url(self.redis_url)
+        except ValueError as exc:
+            raise ConfigError(f"REDIS_URL {exc}") from None
         if self.env not in ("development", "production", "test"):
             raise ConfigError(
                 f"SCALECHAT_ENV must be development, production or test, got {self.env!r}")

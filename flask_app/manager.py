@@ -16,10 +16,9 @@ import time
 
 import gevent
 import gevent.lock
-import redis
 import socketio
 
-from .redis_pool import blocking_pool
+from .redis_pool import redis_client
 from .store import STORE_HOST_ID, id_order
 
 log = logging.getLogger(__name__)
@@ -32,12 +31,39 @@ PING_EVERY = 2
 PONG_LIMIT = 5
 
 
-class ChatRedisManager(socketio.RedisManager):
+class PooledRedisManager(socketio.RedisManager):
+    """python-socketio's RedisManager on a client from redis_pool: any REDIS_URL, one policy.
+
+    python-socketio's own client has redis-py's default pool, which refuses the 101st
+    concurrent publish (a mass disconnect announcing its leaves), and none of our timeouts.
+    """
+
+    def __init__(self, url, channel, pool_size, write_only=False):
+        super().__init__(url, channel=channel, write_only=write_only)
+        self.redis = redis_client(url, pool_size)
+
+    def _redis_connect(self):
+        """Give the listener a fresh subscription; a publish that failed needs nothing new.
+
+        python-socketio calls this from its listener (`self.thread`, the greenlet its
+        initialize() started) before it subscribes again, and from a publish that failed
+        before it retries. The pool replaces a broken connection by itself; closing the
+        subscription under the listener because a publish timed out would only make it
+        resubscribe and replay.
+        """
+        if not self.write_only and gevent.getcurrent() is getattr(self, "thread", None):
+            if self.pubsub is not None:
+                self.pubsub.close()
+            # keep the subscribe confirmations: each one marks a (re)subscription
+            self.pubsub = self.redis.pubsub()
+        self.connected = True
+
+
+class ChatRedisManager(PooledRedisManager):
     """RedisManager that tracks the last stored message delivered per room and fills gaps."""
 
     def __init__(self, url, channel, store, metrics, pool_size):
-        super().__init__(url, channel=channel)
-        self.pool = blocking_pool(url, pool_size)
+        super().__init__(url, channel, pool_size)
         self.store = store
         self.metrics = metrics
         self.last_delivered = {}
@@ -62,20 +88,6 @@ class ChatRedisManager(socketio.RedisManager):
                 self.pubsub.ping()
             except Exception:
                 pass  # the listener reconnects; until then no pong arrives
-
-    def _redis_connect(self):
-        """Connect through a blocking pool, and give the last subscription's connection back.
-
-        python-socketio's own client has redis-py's default pool, which refuses the 101st
-        concurrent publish (a mass disconnect announcing its leaves); its retry then built a
-        new client and the old one's collection closed the listener's connection.
-        """
-        if self.pubsub is not None:
-            self.pubsub.close()
-        self.redis = redis.Redis(connection_pool=self.pool)
-        # keep the subscribe confirmations: each one marks a (re)subscription
-        self.pubsub = self.redis.pubsub()
-        self.connected = True
 
     def _listen(self):
         channel = self.channel.encode()

@@ -9,7 +9,7 @@ from .config import Config
 from .keys import Keys
 from .metrics import WorkerMetrics
 from .presence import Presence
-from .redis_pool import blocking_pool
+from .redis_pool import redis_client
 from .store import MessageStore
 
 
@@ -28,9 +28,7 @@ class Services:
     @classmethod
     def from_config(cls, config):
         """Build every component; Redis is only connected on first use."""
-        pool = blocking_pool(config.redis_url, config.redis_pool, decode_responses=True,
-                             socket_connect_timeout=2, socket_timeout=5, health_check_interval=30)
-        client = redis.Redis(connection_pool=pool)
+        client = redis_client(config.redis_url, config.redis_pool, decode_responses=True)
         keys = Keys(config.key_prefix)
         return cls(config=config, redis=client,
                    tokens=Tokens(config),

@@ -1,6 +1,5 @@
 """Hostile input: generated payloads, raw malformed frames, oversized packets. Nobody else notices."""
 import json
-import time
 
 import pytest
 import requests

@@ -48,6 +48,7 @@ def test_config_reads_the_environment():
 
 def test_replicas_are_required_only_where_there_are_some():
     assert Config.from_env({}).min_replicas == 0
+    assert Config.from_env({"REDIS_URL": "redis+sentinel://h:26379/0/chat"}).min_replicas == 1
     assert Config.from_env({"SCALECHAT_MIN_REPLICAS": "2"}).min_replicas == 2
     assert Config.from_env({"REDIS_URL": "redis://r:1/0", "SCALECHAT_MIN_REPLICAS": "0"}) \
         .min_replicas == 0

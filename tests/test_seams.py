@@ -1,0 +1,471 @@
+"""What our subclasses rely on inside python-engineio, python-socketio, gevent, pywsgi,
+gevent-websocket, wsproto and redis-py, checked on the libraries themselves.
+
+setup.cfg pins each of them to the minor version these checks pass on. Before raising a pin,
+run this file (docs/operations.md, "Upgrading the pinned libraries"): a failure names the
+internal that moved and the module of ours that leans on it.
+"""
+import inspect
+import io
+import threading
+
+import engineio
+import gevent
+import gevent.socket
+import pytest
+import redis
+import redis.sentinel
+import socketio
+from engineio import packet as eio_packet
+from engineio.socket import Socket
+from gevent import pywsgi
+from geventwebsocket.handler import WebSocketHandler
+from redis._parsers import _HiredisParser
+from wsproto.frame_protocol import CloseReason, FrameProtocol, Opcode, ParseFailed
+
+from conftest import wait_until
+from flask_app.redis_pool import BlockingPool, SentinelPool
+
+
+def params(function):
+    return list(inspect.signature(function).parameters)
+
+
+# --- python-engineio: engine.ChatSocket, engine._Sockets, engine.EngineServer ---------------
+
+def environ(query, method="GET", body=b"", **headers):
+    return {"REQUEST_METHOD": method, "QUERY_STRING": query, "PATH_INFO": "/engine.io/",
+            "wsgi.input": io.BytesIO(body), "CONTENT_LENGTH": str(len(body)),
+            "wsgi.url_scheme": "http", "SERVER_NAME": "127.0.0.1", "SERVER_PORT": "80",
+            **headers}
+
+
+def handshake(server):
+    """Open a polling session on a real engineio.Server; return its sid."""
+    statuses = []
+    body = server.handle_request(environ("EIO=4&transport=polling"),
+                                 lambda status, headers: statuses.append(status))
+    assert statuses == ["200 OK"], body
+    return engineio.packet.Packet(encoded_packet=b"".join(body).decode()).data["sid"]
+
+
+def test_engineio_registers_each_new_session_through_sockets_setitem():
+    """engine._Sockets turns each Socket into a ChatSocket when the server stores it."""
+    stored = []
+
+    class Recording(dict):
+        def __setitem__(self, sid, eio_socket):
+            stored.append(type(eio_socket))
+            super().__setitem__(sid, eio_socket)
+
+    server = engineio.Server(async_mode="threading")
+    server.sockets = Recording()
+    sid = handshake(server)
+    assert stored == [Socket] and type(server.sockets[sid]) is Socket
+
+
+def test_engineio_socket_has_what_chat_socket_overrides_and_uses():
+    """engine.ChatSocket overrides send/schedule_ping/close/_websocket_handler, reads its state."""
+    assert params(Socket.send) == ["self", "pkt"]
+    assert params(Socket.schedule_ping) == ["self"]
+    assert params(Socket.close) == ["self", "wait", "abort", "reason"]
+    assert params(Socket._websocket_handler) == ["self", "ws"]
+    assert params(Socket.check_ping_timeout) == ["self"]
+    assert params(Socket.receive) == ["self", "pkt"]
+    server = engineio.Server(async_mode="threading")
+    eio_socket = server.sockets[handshake(server)]
+    for attribute in ("queue", "last_ping", "connected", "upgrading", "upgraded", "closing",
+                      "closed", "sid", "server"):
+        assert hasattr(eio_socket, attribute), attribute
+    for reason in ("TRANSPORT_CLOSE", "SERVER_DISCONNECT"):
+        assert hasattr(server.reason, reason)
+    assert server.ping_interval > 0 and server.max_http_buffer_size > 0
+
+
+def test_engineio_asks_schedule_ping_for_the_next_ping_when_a_pong_arrives():
+    """engine.ChatSocket.schedule_ping arms its timer where python-engineio asks for a ping."""
+    asked = []
+
+    class Recording(Socket):
+        def schedule_ping(self):
+            asked.append(self.sid)
+
+    server = engineio.Server(async_mode="threading")
+    sid = handshake(server)
+    eio_socket = server.sockets[sid]
+    eio_socket.__class__ = Recording
+    eio_socket.receive(eio_packet.Packet(eio_packet.PONG))
+    assert asked == [sid]
+
+
+def test_engineio_builds_its_websocket_from_async_websocket_with_the_socket_handler():
+    """transport.TakenWebSocket is python-engineio's `_async["websocket"]`, called as WSGI app."""
+    built = []
+
+    class Recording:
+        def __init__(self, handler, server):
+            built.append((handler, server))
+
+        def __call__(self, environ, start_response):
+            built.append(environ["QUERY_STRING"])
+            start_response("101 Switching Protocols", [])
+            return []
+
+    gevent_server = engineio.Server(async_mode="gevent")
+    assert "websocket" in gevent_server._async
+    server = engineio.Server(async_mode="threading")
+    server._async = {**server._async, "websocket": Recording}
+    query = "EIO=4&transport=websocket"
+    server.handle_request(environ(query, HTTP_CONNECTION="Upgrade", HTTP_UPGRADE="websocket"),
+                          lambda status, headers: None)
+    (handler, owner), called = built
+    assert owner is server and called == query
+    assert handler.__func__ is Socket._websocket_handler
+    assert handler.__self__ is next(iter(server.sockets.values()))
+
+
+def test_engineio_lets_a_post_to_a_closed_session_raise_key_error():
+    """engine.EngineServer.handle_request answers that KeyError with a 400."""
+    server = engineio.Server(async_mode="threading")
+    sid = handshake(server)
+    server.sockets[sid].close(wait=False, abort=True)
+    with pytest.raises(KeyError):
+        server.handle_request(environ(f"EIO=4&transport=polling&sid={sid}", "POST", b"2"),
+                              lambda status, headers: None)
+
+
+def test_engineio_server_disconnect_takes_an_optional_sid():
+    """engine.EngineServer.disconnect replaces it with a close that does not wait."""
+    assert params(engineio.Server.disconnect) == ["self", "sid"]
+    assert inspect.signature(engineio.Server.disconnect).parameters["sid"].default is None
+
+
+# --- python-socketio: engine.ChatServer, engine.ChatPacket, manager.PooledRedisManager --------
+
+def test_socketio_builds_its_engineio_server_from_the_class_method_with_our_options():
+    """engine.ChatServer._engineio_server_class returns EngineServer, fed ChatServer's options."""
+
+    class Engine(engineio.Server):
+        def __init__(self, max_send_buffer, **kwargs):
+            super().__init__(**kwargs)
+            self.max_send_buffer = max_send_buffer
+
+    class Server(socketio.Server):
+        def _engineio_server_class(self):
+            return Engine
+
+    server = Server(async_mode="threading", max_send_buffer=1234)
+    assert type(server.eio) is Engine and server.eio.max_send_buffer == 1234
+
+
+def test_socketio_starts_its_manager_once_behind_manager_initialized():
+    """engine.ChatServer.start_manager starts the manager early through the same flag."""
+    started = []
+
+    class Manager(socketio.Manager):
+        def initialize(self):
+            started.append(self)
+            super().initialize()
+
+    manager = Manager()
+    server = socketio.Server(async_mode="threading", client_manager=manager)
+    assert server.manager_initialized is False
+    server._handle_eio_connect("a", {})
+    server._handle_eio_connect("b", {})
+    assert started == [manager] and server.manager_initialized is True
+
+
+def test_socketio_packets_ask_their_class_whether_data_is_binary():
+    """engine.ChatPacket answers data_is_binary for every packet the server builds."""
+    asked = []
+
+    class Packet(socketio.packet.Packet):
+        @classmethod
+        def data_is_binary(cls, data):
+            asked.append(data)
+            return super().data_is_binary(data)
+
+    assert isinstance(inspect.getattr_static(socketio.packet.Packet, "data_is_binary"),
+                      classmethod)
+    server = socketio.Server(async_mode="threading", serializer=Packet)
+    assert server.packet_class is Packet
+    pkt = server.packet_class(socketio.packet.EVENT, data=["message", {"text": "hi"}])
+    assert asked and pkt.encode() == '2["message",{"text":"hi"}]'
+
+
+class RecordingRedisManager(socketio.RedisManager):
+    """A RedisManager connecting as manager.PooledRedisManager does, counting the calls."""
+
+    def __init__(self, url, **kwargs):
+        super().__init__(url, **kwargs)
+        self.connects = 0
+
+    def _redis_connect(self):
+        self.connects += 1
+        self.redis = redis.Redis.from_url(self.redis_url)
+        self.pubsub = self.redis.pubsub()
+        self.connected = True
+
+
+def test_socketio_publishes_through_redis_connect_and_retries_once_after_a_failure(redis_server):
+    """manager.PooledRedisManager._redis_connect: called before a publish, and after one failed."""
+    listener = redis.Redis.from_url(redis_server.url).pubsub(ignore_subscribe_messages=True)
+    listener.subscribe("seams")
+    manager = RecordingRedisManager(redis_server.url, channel="seams", write_only=True)
+    manager.emit("first", {}, namespace="/")
+    assert manager.connects == 1
+    manager.redis = redis.Redis(port=1, socket_connect_timeout=1)  # a connection that fails
+    manager.emit("second", {}, namespace="/")
+    assert manager.connects == 2
+    received = []
+    wait_until(lambda: (m := listener.get_message(timeout=0.1)) and received.append(m)
+               or len(received) == 2, what="both publishes")
+    assert [manager.json.loads(m["data"])["event"] for m in received] == ["first", "second"]
+    listener.close()
+
+
+def test_socketio_listener_connects_then_subscribes_and_yields_every_pubsub_message(redis_server):
+    """manager.ChatRedisManager counts `subscribe` and `pong` messages of its own pubsub."""
+    manager = RecordingRedisManager(redis_server.url, channel="seams-listen")
+    messages = manager._redis_listen_with_retries()
+    first = next(messages)
+    assert manager.connects == 1
+    assert (first["type"], first["channel"]) == ("subscribe", b"seams-listen")
+    manager.pubsub.ping()
+    assert next(messages)["type"] == "pong"
+    redis.Redis.from_url(redis_server.url).publish("seams-listen", "hello")
+    assert next(messages)["data"] == b"hello"
+    manager.pubsub.close()
+
+
+def test_socketio_listens_in_the_task_it_keeps_as_thread():
+    """manager.PooledRedisManager._redis_connect tells the listener by gevent.getcurrent()."""
+    listened_in = []
+
+    class Manager(socketio.PubSubManager):
+        def _listen(self):
+            listened_in.append(gevent.getcurrent())
+            return iter(())
+
+    manager = Manager()
+    server = socketio.Server(async_mode="gevent", client_manager=manager)
+    server._handle_eio_connect("a", {})
+    manager.thread.join(timeout=5)
+    assert listened_in == [manager.thread]
+
+
+# --- redis-py: redis_pool.Parser, BlockingPool, SentinelPool; the listener's read -------------
+
+def test_hiredis_parser_keeps_the_socket_and_reader_that_parser_polls(redis_server):
+    """redis_pool.Parser polls `_sock` itself unless `_reader.has_data()`."""
+    assert params(_HiredisParser.can_read) == ["self", "timeout"]
+    conn = redis.Connection(port=redis.Redis.from_url(redis_server.url).connection_pool
+                            .connection_kwargs["port"], parser_class=_HiredisParser)
+    conn.connect()
+    parser = conn._parser
+    assert parser._sock is conn._sock and parser._reader.has_data() is False
+    conn.send_command("PING")
+    wait_until(lambda: parser.can_read(0), what="the reply")
+    parser._reader.feed(b"+partial")  # hiredis keeps what it was fed until a reply is whole
+    assert parser._reader.has_data() is True
+    conn.disconnect()
+
+
+def test_blocking_pool_get_connection_unwraps_to_the_pool_method():
+    """redis_pool.BlockingPool takes get_connection without its deprecation decorator."""
+    undecorated = inspect.unwrap(redis.BlockingConnectionPool.get_connection)
+    assert BlockingPool.get_connection is undecorated
+    assert params(undecorated)[0] == "self"
+
+
+def test_sentinel_pool_takes_draws_and_queue_from_the_blocking_pool():
+    """redis_pool.SentinelPool mixes SentinelConnectionPool into BlockingPool."""
+    for method in ("get_connection", "release", "make_connection", "disconnect"):
+        assert method not in vars(redis.sentinel.SentinelConnectionPool), method
+    sentinel = redis.sentinel.Sentinel([("127.0.0.1", 1)])
+    pool = SentinelPool("svc", sentinel, max_connections=3, timeout=0.5)
+    assert (pool.max_connections, pool.timeout, pool.pool.maxsize) == (3, 0.5, 3)
+    assert pool.connection_class is redis.sentinel.SentinelManagedConnection
+    assert pool.connection_kwargs["connection_pool"] is pool.proxy and pool.is_master
+    client = sentinel.master_for("svc", connection_pool_class=SentinelPool, max_connections=3)
+    assert type(client.connection_pool) is SentinelPool
+
+
+def test_pubsub_listen_outlives_the_socket_timeout(redis_server):
+    """redis_pool gives the listener's connection a 5 s timeout that its idle read ignores."""
+    client = redis.Redis.from_url(redis_server.url, socket_timeout=0.2, client_name="seams-idle")
+    pubsub = client.pubsub(ignore_subscribe_messages=True)
+    pubsub.subscribe("seams-idle")
+    received = []
+    reader = threading.Thread(target=lambda: received.extend(
+        m["data"] for _, m in zip(range(1), pubsub.listen())), daemon=True)
+    reader.start()
+    admin = redis.Redis.from_url(redis_server.url)
+
+    def listener_ages():
+        return [int(c["age"]) for c in admin.client_list(_type="pubsub")
+                if c["name"] == "seams-idle"]
+    first = admin.client_list(_type="pubsub")
+    wait_until(lambda: listener_ages() and listener_ages()[0] >= 2,
+               what="the subscription to be older than ten socket timeouts")
+    assert len(listener_ages()) == 1 and len(first) == len(admin.client_list(_type="pubsub"))
+    admin.publish("seams-idle", "still here")
+    reader.join(timeout=5)
+    assert received == [b"still here"]
+    pubsub.close()
+
+
+# --- pywsgi and gevent-websocket: handler.ChatHandler, transport.take_socket ----------------
+
+def serve_once(handler_class, application, request, spawn=None):
+    """Serve one raw request with a real gevent WSGIServer; return the bytes answered."""
+    options = {} if spawn is None else {"spawn": spawn}
+    server = pywsgi.WSGIServer(("127.0.0.1", 0), application, handler_class=handler_class,
+                               log=None, **options)
+    server.start()
+    try:
+        with gevent.socket.create_connection(("127.0.0.1", server.server_port)) as sock:
+            sock.sendall(request)
+            sock.shutdown(gevent.socket.SHUT_WR)
+            answer = b""
+            with gevent.Timeout(5):
+                while chunk := sock.recv(65536):
+                    answer += chunk
+        return answer
+    finally:
+        server.stop()
+
+
+def hello(environ, start_response):
+    start_response("200 OK", [("Content-Length", "5")])
+    return [environ.get("HTTP_X_NAME", "?????").encode()]
+
+
+def test_pywsgi_reads_headers_through_message_class_into_an_old_message():
+    """handler.read_headers returns pywsgi's OldMessage, filled with set_raw."""
+    calls = []
+
+    class Handler(pywsgi.WSGIHandler):
+        def MessageClass(self, fp, *args):  # noqa: N802
+            calls.append((fp is self.rfile, args))
+            message = pywsgi.OldMessage()
+            while (line := fp.readline()) not in (b"\r\n", b""):
+                name, value = line.decode("iso-8859-1").split(":", 1)
+                message.set_raw(name, value.strip())
+            return message
+
+    answer = serve_once(Handler, hello, b"GET / HTTP/1.1\r\nHost: x\r\nX-Name: alice\r\n\r\n")
+    assert calls == [(True, (0,))]
+    assert answer.endswith(b"\r\n\r\nalice")
+
+
+def test_pywsgi_sends_a_head_through_sendall_then_the_body_through_write():
+    """handler.ChatHandler holds the head in _sendall to send it with the body."""
+    sent = []
+
+    class Handler(pywsgi.WSGIHandler):
+        def _sendall(self, data):
+            sent.append(bytes(data))
+            super()._sendall(data)
+
+    assert params(pywsgi.WSGIHandler._write_with_headers) == ["self", "data"]
+    assert params(pywsgi.WSGIHandler._sendall) == ["self", "data"]
+    serve_once(Handler, hello, b"GET / HTTP/1.1\r\nHost: x\r\nX-Name: bobby\r\n\r\n")
+    assert len(sent) == 2 and sent[0].startswith(b"HTTP/1.1 200 OK\r\n")
+    assert sent[0].endswith(b"\r\n\r\n") and sent[1] == b"bobby"
+
+
+def test_pywsgi_spawns_each_connection_through_a_callable():
+    """worker.run hands WSGIServer Runners().spawn, called as spawn(handle, *args)."""
+    spawned = []
+
+    def spawn(handle, *args):
+        spawned.append(handle)
+        return gevent.spawn(handle, *args)
+
+    answer = serve_once(pywsgi.WSGIHandler, hello,
+                        b"GET / HTTP/1.1\r\nHost: x\r\nX-Name: carol\r\n\r\n", spawn=spawn)
+    assert len(spawned) == 1 and answer.endswith(b"carol")
+
+
+def test_gevent_websocket_exposes_its_handler_socket_and_writer_to_the_application():
+    """transport.take_socket takes handler.socket and rfile; ChatHandler wraps raw_write."""
+    seen = {}
+
+    def application(environ, start_response):
+        ws = environ["wsgi.websocket"]
+        seen.update(handler=ws.handler, socket=ws.handler.socket, closed=ws.closed,
+                    peek=ws.handler.rfile.peek, code=ws.handler.code)
+        ws.raw_write = ws.raw_write  # an attribute ChatHandler may replace
+        ws.closed, ws.handler = True, None  # as TakenWebSocket leaves it
+        return []
+
+    answer = serve_once(WebSocketHandler, application,
+                        b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+                        b"Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+                        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 101 Switching Protocols\r\n")
+    assert isinstance(seen["handler"], WebSocketHandler) and seen["closed"] is False
+    assert isinstance(seen["socket"], gevent.socket.socket) and seen["code"] == 101
+
+
+# --- gevent's loop: runners.Runners, transport.Connection, engine.ChatSocket ----------------
+
+def test_gevent_parks_and_resumes_greenlets_as_runners_do():
+    """runners.Runners parks a greenlet in hub.switch() and resumes it by run_callback."""
+    hub = gevent.get_hub()
+    handed = []
+    parked = []
+
+    def runner(first):
+        handed.append(first)
+        parked.append(gevent.getcurrent())
+        handed.append(hub.switch())
+
+    gevent.spawn_raw(runner, "first task")
+    wait_until(lambda: gevent.sleep(0) or parked, what="the runner to park")
+    hub.loop.run_callback(parked[0].switch, "func", ("args",))
+    gevent.sleep(0)
+    assert handed == ["first task", ("func", ("args",))]
+    assert params(hub.handle_error) == ["context", "type", "value", "tb"]
+
+
+def test_gevent_loop_watchers_used_by_transport_and_engine():
+    """transport.Connection and engine.ChatSocket use the loop's io, timer and callbacks."""
+    loop = gevent.get_hub().loop
+    fired = []
+    timer = loop.timer(0.01, 0.01)
+    timer.again(lambda: (fired.append("timer"), timer.stop()))
+    left, right = gevent.socket.socketpair()
+    reader = loop.io(left.fileno(), 1)
+    reader.start(lambda: (fired.append("read"), reader.stop()))
+    right.send(b"x")
+    loop.run_callback(fired.append, "callback")
+    wait_until(lambda: gevent.sleep(0.01) or len(fired) == 3, what="every watcher")
+    assert sorted(fired) == ["callback", "read", "timer"] and loop.now() > 0
+    left.close()
+    right.close()
+
+
+# --- wsproto: transport.Connection ---------------------------------------------------------
+
+def masked(opcode, payload):
+    mask = b"\x01\x02\x03\x04"
+    body = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    return bytes([0x80 | opcode, 0x80 | len(payload)]) + mask + body
+
+
+def test_wsproto_frame_protocol_reads_frames_answers_pings_and_refuses_garbage():
+    """transport.Connection reads anything but short text frames with wsproto's FrameProtocol."""
+    protocol = FrameProtocol(client=False, extensions=[])
+    protocol.receive_bytes(masked(0x1, b"hello") + masked(0x9, b"are you there"))
+    text, ping = protocol.received_frames()
+    assert (text.opcode, text.payload, text.message_finished) == (Opcode.TEXT, "hello", True)
+    assert ping.opcode is Opcode.PING
+    assert bytes(protocol.pong(ping.payload)) == b"\x8a\x0dare you there"
+    assert bytes(protocol.close(CloseReason.NORMAL_CLOSURE, "bye")).startswith(b"\x88")
+    broken = FrameProtocol(client=False, extensions=[])
+    broken.receive_bytes(b"\x81\x05hello")  # unmasked: a client must mask
+    with pytest.raises(ParseFailed) as refused:
+        list(broken.received_frames())
+    assert refused.value.code is CloseReason.PROTOCOL_ERROR
