@@ -2,7 +2,7 @@
 import socketio
 from flask import Flask
 
-from . import api, auth, health, jsonio, pages
+from . import admin, api, auth, health, jsonio, pages
 from .config import Config
 from .engine import ChatPacket, ChatServer
 from .events import ChatNamespace
@@ -29,10 +29,14 @@ def create_app(config=None):
     app.session_interface = auth.SessionInterface()
     services = Services.from_config(config)
     app.extensions["scalechat"] = services
-    sio = ChatServer(
+    # the Admin UI's reports come from subclasses, so that without it nothing is added
+    instrumented = bool(config.admin_password)
+    server_class = admin.AdminChatServer if instrumented else ChatServer
+    manager_class = admin.AdminRedisManager if instrumented else ChatRedisManager
+    sio = server_class(
         async_mode="gevent",
-        client_manager=ChatRedisManager(config.redis_url, config.channel, services.store,
-                                        services.metrics, config.redis_pool),
+        client_manager=manager_class(config.redis_url, config.channel, services.store,
+                                     services.metrics, config.redis_pool),
         serializer=ChatPacket,
         json=jsonio,
         # each connection's packets are handled in order by one greenlet (engine.ChatSocket)
@@ -42,9 +46,8 @@ def create_app(config=None):
         max_send_buffer=config.max_send_buffer,
     )
     sio.register_namespace(ChatNamespace(app, services))
-    if config.admin_password:
-        sio.instrument(auth={"username": "admin", "password": config.admin_password},
-                       mode="production", server_id=config.worker_id)
+    if instrumented:
+        app.extensions["admin_ui"] = admin.AdminUI(sio, config, services.presence)
     app.extensions["socketio"] = sio
     app.register_blueprint(pages.bp)
     app.register_blueprint(api.bp)
@@ -54,8 +57,11 @@ def create_app(config=None):
 
 
 def start_background(app):
-    """Start the Redis listener and the presence heartbeat of a serving worker."""
+    """Start the Redis listener and the presence heartbeat of a serving worker (and its
+    server_stats for the Admin UI, when on)."""
     app.extensions["socketio"].namespace_handlers["/"].start_background()
+    if "admin_ui" in app.extensions:
+        app.extensions["admin_ui"].start()
 
 
 def drain(app):

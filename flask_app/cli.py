@@ -3,7 +3,7 @@ import argparse
 import sys
 import time
 
-from . import metrics
+from . import admin, metrics
 from .config import Config, ConfigError
 from .manager import PooledRedisManager
 from .validation import ValidationError, room as valid_room
@@ -28,6 +28,28 @@ def serve_metrics(host, port):
         server.shutdown()
 
 
+def serve_admin(config):
+    """Serve the Socket.IO Admin UI's pages on 127.0.0.1 only, until stopped."""
+    from gevent.pywsgi import WSGIServer
+
+    try:
+        app = admin.ui_app(config)
+    except FileNotFoundError as exc:
+        sys.exit(f"scalechat: {exc}")
+    server = WSGIServer(("127.0.0.1", config.admin_ui_port), app)
+    try:
+        server.start()
+    except OSError as exc:
+        sys.exit(f"scalechat: cannot listen on 127.0.0.1:{config.admin_ui_port}: {exc}")
+    print(f"serving the Admin UI on http://127.0.0.1:{config.admin_ui_port}/ : sign in with "
+          f"the proxy's or a worker's URL, user {admin.USERNAME} and SCALECHAT_ADMIN_PASSWORD",
+          flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        server.stop()
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(
         prog="scalechat", description="Operate scalechat. Settings (REDIS_URL, ...) come from "
@@ -46,9 +68,20 @@ def main(argv=None):
                     "it keeps answering while workers restart.")
     metrics_parser.add_argument("--host", default="127.0.0.1")
     metrics_parser.add_argument("--port", type=int, default=9105)
+    commands.add_parser(
+        "serve-admin", help="serve the Socket.IO Admin UI to operators on 127.0.0.1",
+        description="Serve the Admin UI's pages on http://127.0.0.1:SCALECHAT_ADMIN_UI_PORT/ "
+                    "(9106); the workers must run with SCALECHAT_ADMIN_PASSWORD and the same "
+                    "SCALECHAT_ADMIN_UI_PORT.")
     args = parser.parse_args(argv)
     if args.command == "serve-metrics":
         return serve_metrics(args.host, args.port)
+    if args.command == "serve-admin":
+        try:
+            config = Config.from_env()
+        except ConfigError as exc:
+            sys.exit(f"scalechat: {exc}")
+        return serve_admin(config)
     try:
         config = Config.from_env()
         room = None if args.all else valid_room(args.room)

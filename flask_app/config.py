@@ -95,6 +95,9 @@ class Config:
     # Password of the Socket.IO Admin UI (user "admin", namespace /admin); empty: off.
     admin_password: str = dataclasses.field(
         default="", metadata={"env": "SCALECHAT_ADMIN_PASSWORD"})
+    # Port of `scalechat serve-admin` on 127.0.0.1; workers accept its pages' origin on /admin.
+    admin_ui_port: int = dataclasses.field(
+        default=9106, metadata={"env": "SCALECHAT_ADMIN_UI_PORT"})
     # Send the session cookie over HTTPS only (set behind a TLS-terminating proxy).
     secure_cookies: bool = dataclasses.field(
         default=False, metadata={"env": "SCALECHAT_SECURE_COOKIES"})
@@ -161,6 +164,9 @@ class Config:
         if self.env == "production" and self.secret_key == DEFAULT_SECRET_KEY:
             raise ConfigError("SECRET_KEY must be set when SCALECHAT_ENV=production: "
                               "the default is public")
+        if self.admin_ui_port > 65535:
+            raise ConfigError(
+                f"SCALECHAT_ADMIN_UI_PORT must be a port number, got {self.admin_ui_port!r}")
         if not self.worker_id:
             object.__setattr__(self, "worker_id", f"{socket.gethostname()}-{os.getpid()}")
         self._check_site_tokens()

@@ -176,11 +176,16 @@ class ChatSocket(Socket):
 
 class _Sockets(dict):
     """EngineServer.sockets. python-engineio builds its Socket by name when a session opens
-    and registers it here before any other use: that is where it becomes a ChatSocket."""
+    and registers it here before any other use: that is where it becomes a ChatSocket (the
+    server's socket_class)."""
+
+    def __init__(self, socket_class):
+        super().__init__()
+        self.socket_class = socket_class
 
     def __setitem__(self, sid, eio_socket):
         if type(eio_socket) is Socket:
-            eio_socket.__class__ = ChatSocket
+            eio_socket.__class__ = self.socket_class
         super().__setitem__(sid, eio_socket)
 
 
@@ -191,12 +196,14 @@ class EngineServer(engineio.Server):
     `runners` handle the sockets' packets, on greenlets reused from one burst to the next.
     """
 
+    socket_class = ChatSocket  # a subclass may give its sessions a subclass of ChatSocket
+
     def __init__(self, max_send_buffer, **kwargs):
         super().__init__(**kwargs)
         self.max_send_buffer = max_send_buffer
         self.runners = Runners()
         if self.async_mode == "gevent":
-            self.sockets = _Sockets()
+            self.sockets = _Sockets(self.socket_class)
             self._async = {**self._async, "websocket": transport.TakenWebSocket}
 
     def disconnect(self, sid=None):
