@@ -1,5 +1,5 @@
-# Shared by the deploy scripts (sourced, not run): where the stack lives and how to reach
-# supervisord, HAProxy's runtime API and the workers.
+# Shared by the deploy scripts (sourced, not run): messages, where the stack lives, its settings
+# and how to reach supervisord, HAProxy's runtime API and the workers.
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 var="${SCALECHAT_VAR:-$root/var}"
@@ -7,13 +7,34 @@ script="$(basename "$0")"
 
 say() { echo "$script: $*"; }
 die() { echo "$script: $*" >&2; exit 1; }
+# a wrong command line: the reason, then the usage (each script defines `usage`)
+usage_error() { echo "$script: $*" >&2; usage >&2; exit 2; }
+
+# var/stack.env holds one KEY=VALUE a line after this header, read literally: a value is never
+# evaluated, so it may hold quotes, $(...), backticks or spaces (not a newline).
+stack_env_header="# scalechat settings written by deploy/configure: KEY=VALUE a line, read literally, never sourced"
+
+# read_stack_env FILE CALLBACK: run `CALLBACK KEY VALUE` for each setting in FILE.
+read_stack_env() {
+  local file="$1" callback="$2" line key value quoted=1 n=0
+  while IFS= read -r line || [ -n "$line" ]; do
+    n=$((n + 1))
+    # files written before the literal format quoted every value in ''
+    [ "$n" = 1 ] && [ "$line" = "$stack_env_header" ] && quoted=0
+    case "$line" in ''|'#'*) continue ;; esac
+    key="${line%%=*}"
+    value="${line#*=}"
+    [[ "$line" == *=* && "$key" =~ ^[A-Z_][A-Z0-9_]*$ ]] || die "$file line $n is not KEY=VALUE"
+    if [ "$quoted" = 1 ]; then value="${value#\'}"; value="${value%\'}"; fi
+    "$callback" "$key" "$value"
+  done < "$file"
+}
+
+export_setting() { export "$1=$2"; }
 
 load_stack() {
   [ -f "$var/stack.env" ] || die "no $var/stack.env: run deploy/configure or make run first"
-  set -a
-  # shellcheck disable=SC1091
-  . "$var/stack.env"
-  set +a
+  read_stack_env "$var/stack.env" export_setting
 }
 
 ctl() {
@@ -21,10 +42,24 @@ ctl() {
     -s "unix://$var/run/supervisor.sock" "$@"
 }
 
+# A process's start time (clock ticks since boot, /proc/PID/stat field 22): with the PID it names
+# one process, where a PID alone may have been reused by another since it was recorded.
+start_time() {
+  local stat
+  stat="$(cat "/proc/$1/stat" 2>/dev/null)" || return 1
+  stat="${stat##*) }"  # the command name in () may hold spaces
+  read -ra fields <<<"$stat"
+  echo "${fields[19]}"
+}
+
+# The PID of this stack's supervisord: the pid file names a live supervisord reading our
+# supervisord.conf (a stale pid file may name whatever process got that PID since).
 supervisord_pid() {
-  local pid
+  local pid command
   pid="$(cat "$var/run/supervisord.pid" 2>/dev/null)" || return 1
-  kill -0 "$pid" 2>/dev/null && echo "$pid"
+  [[ "$pid" =~ ^[0-9]+$ ]] || return 1
+  command="$(tr '\0' ' ' < "/proc/$pid/cmdline" 2>/dev/null)" || return 1
+  [[ "$command" == *supervisord*"-c $root/supervisord.conf"* ]] && echo "$pid"
 }
 
 # One command to HAProxy's runtime API; prints its answer.

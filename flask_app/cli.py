@@ -1,19 +1,68 @@
 """`scalechat`: commands for operators and their scripts."""
 import argparse
+import os
 import sys
 import time
+from pathlib import Path
 
 from . import admin, metrics
-from .config import Config, ConfigError
+from .config import PROJECT_ROOT, Config, ConfigError
 from .manager import PooledRedisManager
+from .redis_pool import shown
 from .validation import ValidationError, room as valid_room
+
+# deploy/configure's first line of var/stack.env (deploy/lib.sh reads the same format)
+STACK_ENV_HEADER = ("# scalechat settings written by deploy/configure: "
+                    "KEY=VALUE a line, read literally, never sourced")
+
+
+class AnnouncementEmitter(PooledRedisManager):
+    """A write-only manager that keeps its publish's receivers: python-socketio logs a failed
+    publish, and `emit` returns nothing either way."""
+
+    receivers = None
+
+    def _publish(self, data):
+        self.receivers = super()._publish(data)
+        return self.receivers
 
 
 def announce(config, room, text):
-    """Emit an `announcement` to a room, or to everyone, through Redis, from outside the workers."""
-    emitter = PooledRedisManager(config.redis_url, config.channel, pool_size=1, write_only=True)
+    """Emit an `announcement` to a room, or to everyone, through Redis, from outside the workers;
+    return how many workers heard it, or None when Redis could not be reached."""
+    emitter = AnnouncementEmitter(config.redis_url, config.channel, pool_size=1, write_only=True)
     emitter.emit("announcement", {"room": room, "text": text, "ts": int(time.time() * 1000)},
                  room=room, namespace="/")
+    return emitter.receivers
+
+
+def stack_env_path(environ):
+    """Where deploy/configure keeps the deployed stack's settings."""
+    return Path(environ.get("SCALECHAT_VAR") or PROJECT_ROOT / "var") / "stack.env"
+
+
+def read_stack_env(path):
+    """The settings of var/stack.env, each value taken literally."""
+    lines = path.read_text().splitlines()
+    quoted = not lines or lines[0] != STACK_ENV_HEADER  # written before the literal format
+    settings = {}
+    for line in lines:
+        if line and not line.startswith("#"):
+            key, _, value = line.partition("=")
+            settings[key] = value[1:-1] if quoted and value[:1] == value[-1:] == "'" else value
+    return settings
+
+
+def operator_environ():
+    """The environment over the deployed stack's settings, so operators need not load them."""
+    path = stack_env_path(os.environ)
+    try:
+        return {**read_stack_env(path), **os.environ}
+    except FileNotFoundError:
+        return dict(os.environ)
+    except PermissionError:
+        sys.exit(f"scalechat: cannot read {path}: run as the user who started the stack "
+                 "(or set REDIS_URL and the other settings yourself)")
 
 
 def serve_metrics(host, port):
@@ -53,7 +102,8 @@ def serve_admin(config):
 def main(argv=None):
     parser = argparse.ArgumentParser(
         prog="scalechat", description="Operate scalechat. Settings (REDIS_URL, ...) come from "
-                                      "the environment, as for the workers.")
+                                      "the environment, as for the workers, over those of the "
+                                      "deployed stack ($SCALECHAT_VAR or var/, stack.env).")
     commands = parser.add_subparsers(dest="command", required=True)
     announce_parser = commands.add_parser(
         "announce", help="send an announcement to the clients of every worker",
@@ -76,18 +126,21 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.command == "serve-metrics":
         return serve_metrics(args.host, args.port)
-    if args.command == "serve-admin":
-        try:
-            config = Config.from_env()
-        except ConfigError as exc:
-            sys.exit(f"scalechat: {exc}")
-        return serve_admin(config)
     try:
-        config = Config.from_env()
+        config = Config.from_env(operator_environ())
+        if args.command == "serve-admin":
+            return serve_admin(config)
         room = None if args.all else valid_room(args.room)
     except (ConfigError, ValidationError) as exc:
         sys.exit(f"scalechat: {exc}")
     if not args.text.strip():
         sys.exit("scalechat: the announcement text is empty")
-    announce(config, room, args.text)
-    print(f"announced to {'every client' if room is None else 'room ' + room}")
+    receivers = announce(config, room, args.text)
+    if receivers is None:
+        sys.exit(f"scalechat: cannot reach Redis at {shown(config.redis_url)}: "
+                 "nothing was announced")
+    if not receivers:
+        sys.exit(f"scalechat: no worker listens on channel {config.channel!r} of Redis at "
+                 f"{shown(config.redis_url)}: nobody received the announcement")
+    print(f"announced to {'every client' if room is None else 'room ' + room} "
+          f"({receivers} worker{'s' if receivers > 1 else ''} listening)")

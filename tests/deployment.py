@@ -1,9 +1,14 @@
 """The deployed stack for tests: deploy/run under a temp var/, and clients that resume like browsers."""
+import contextlib
 import os
+import resource
+import shutil
 import socket
 import subprocess
+import tempfile
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 import requests
@@ -28,27 +33,53 @@ def port_is_free(port):
         return True
 
 
+@contextlib.contextmanager
+def service_dir():
+    """A temp dir that the stack's service user can enter (pytest's own are closed to it)."""
+    path = Path(tempfile.mkdtemp(prefix="scalechat-test-"))
+    path.chmod(0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def service_tmp():
+    with service_dir() as path:
+        yield path
+
+
 class Stack:
     """The whole stack started by deploy/run from supervisord.conf, under a temp var/."""
 
-    def __init__(self, var, workers=2):
+    def __init__(self, var, workers=2, open_files=None, as_user=None, **settings):
         self.var = var
         self.env = {key: value for key, value in os.environ.items()
-                    if not key.startswith(("SCALECHAT_", "REDIS_")) and key not in (
+                    if not key.startswith(("SCALECHAT_", "REDIS_", "PROXY_")) and key not in (
                         "WORKERS", "PORT", "SECRET_KEY", "PUBLIC_BIND", "STATS_PORT",
-                        "METRICS_PORT", "PROMETHEUS_MULTIPROC_DIR")}
+                        "METRICS_PORT", "PROMETHEUS_MULTIPROC_DIR", "RUN_USER")}
         self.env.update(SCALECHAT_VAR=str(var), WORKERS=str(workers), PORT=str(free_port()),
                         STATS_PORT=str(free_port()), REDIS_PORT=str(free_port()),
                         METRICS_PORT=str(free_port()),
                         WORKER_PORT_BASE=str(free_port_run(workers + 1)),
                         SCALECHAT_PRESENCE_TTL="5", SCALECHAT_RATE_LIMIT="200",
-                        SCALECHAT_RATE_BURST="400")
+                        SCALECHAT_RATE_BURST="400", **settings)
         self.url = f"http://127.0.0.1:{self.env['PORT']}"
         self.workers = workers
+        self.open_files = open_files
+        self.as_user = as_user
 
     def script(self, name, *args, check=True, timeout=180):
-        result = subprocess.run([str(ROOT / "deploy" / name), *args], env=self.env, cwd=ROOT,
-                                capture_output=True, text=True, timeout=timeout)
+        """Run deploy/<name> (as `as_user`, under an `open_files` limit, when the stack has them)."""
+        command = [str(ROOT / "deploy" / name), *args]
+        if self.as_user:
+            command = ["setpriv", f"--reuid={self.as_user}", f"--regid={self.as_user}",
+                       "--init-groups", "--", *command]
+        limit = self.open_files and (lambda: resource.setrlimit(
+            resource.RLIMIT_NOFILE, (self.open_files, self.open_files)))
+        result = subprocess.run(command, env=self.env, cwd=ROOT, capture_output=True, text=True,
+                                timeout=timeout, preexec_fn=limit or None)
         if check:
             assert result.returncode == 0, f"deploy/{name}: {result.stdout}\n{result.stderr}"
         return result
@@ -65,31 +96,39 @@ class Stack:
     def pids(self):
         return {name: int(self.ctl("pid", name).strip()) for name in self.states()}
 
-    def server_stats(self, server):
-        """HAProxy's `show stat` row for a worker, as a dict."""
+    def server_stats(self, server, proxy="workers"):
+        """HAProxy's `show stat` row for a worker (or FRONTEND of proxy `public`), as a dict."""
         out = subprocess.run(["socat", "-t", "5", "stdio", f"unix-connect:{self.var}/run/haproxy.sock"],
                              input="show stat\n", capture_output=True, text=True, timeout=10).stdout
         lines = out.splitlines()
         header = lines[0].lstrip("# ").split(",")
         for line in lines[1:]:
             row = dict(zip(header, line.split(",")))
-            if row.get("pxname") == "workers" and row.get("svname") == server:
+            if row.get("pxname") == proxy and row.get("svname") == server:
                 return row
-        raise AssertionError(f"no HAProxy row for {server}")
+        raise AssertionError(f"no HAProxy row for {proxy}/{server}")
 
     def token(self, name):
         return requests.post(self.url + "/api/session", json={"name": name}, timeout=5).json()["token"]
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory):
-    stack = Stack(tmp_path_factory.mktemp("var"))
+@contextlib.contextmanager
+def running(stack):
+    """Start `stack`, and stop it after, checking that none of its processes is left."""
     stack.script("run")
     pids = stack.pids()
-    yield stack
-    stack.script("stop")
+    try:
+        yield stack
+    finally:
+        stack.script("stop")
     alive = [pid for pid in pids.values() if os.path.exists(f"/proc/{pid}")]
     assert not alive, f"processes left after deploy/stop: {alive}"
+
+
+@pytest.fixture(scope="module")
+def stack():
+    with service_dir() as path, running(Stack(path / "var")) as started:
+        yield started
 
 
 class ResumingClient(ChatClient):
@@ -101,6 +140,7 @@ class ResumingClient(ChatClient):
         self.sio = InOrderClient(reconnection=True, reconnection_delay=0.2,
                                 reconnection_delay_max=1, http_session=self.http)
         self.sio.on("message", self._on_message)
+        self.sio.on("announcement", self._recorder("announcement"))
         self.sio.on("connect", self._on_connect)
         self.stack = stack
         self.transports = list(transports)

@@ -1,5 +1,6 @@
 """The deployed stack: supervisord, the embedded Redis, the workers and HAProxy, for real."""
 import os
+import pwd
 import signal
 import socket
 import subprocess
@@ -7,10 +8,35 @@ import threading
 import time
 
 import pytest
+import redis
 import requests
 
-from conftest import ROOT, wait_until
+from conftest import ROOT, RedisServer, wait_until
 from deployment import Stack, stream_ids
+
+
+def uids(pid):
+    """The real, effective, saved and filesystem uids of a process."""
+    with open(f"/proc/{pid}/status") as status:
+        line = next(line for line in status if line.startswith("Uid:"))
+    return set(map(int, line.split()[1:]))
+
+
+def with_children(pid):
+    """A process and its children (HAProxy's master forks its worker)."""
+    children = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+    return [pid, *map(int, children.split())]
+
+
+def announce(stack, *args, **env):
+    """`scalechat announce` as an operator runs it: from elsewhere, with none of the stack's
+    settings in the environment, only where it lives."""
+    environ = {key: value for key, value in stack.env.items()
+               if key not in ("PORT", "REDIS_PORT", "WORKERS", "STATS_PORT", "METRICS_PORT",
+                              "WORKER_PORT_BASE") and not key.startswith("SCALECHAT_")}
+    environ.update(SCALECHAT_VAR=str(stack.var), **env)
+    return subprocess.run([str(ROOT / ".venv/bin/scalechat"), "announce", *args], env=environ,
+                          cwd="/", capture_output=True, text=True, timeout=30)
 
 
 def test_every_program_of_the_stack_is_running(stack):
@@ -22,6 +48,75 @@ def test_every_program_of_the_stack_is_running(stack):
     assert "clients 0  messages stored" in status.stdout
     exported = requests.get(f"http://127.0.0.1:{stack.env['METRICS_PORT']}/metrics", timeout=5).text
     assert 'scalechat_connected_clients{worker="worker-01"} 0.0' in exported
+
+
+def test_every_program_runs_as_an_unprivileged_user_and_still_serves_chat(stack, resuming, room):
+    """Started as root, Redis, HAProxy, the workers and the exporter run as `scalechat`; started
+    by a developer, as that developer."""
+    expected = pwd.getpwnam("scalechat").pw_uid if os.getuid() == 0 else os.getuid()
+    running_as = {name: {uid for process in with_children(pid) for uid in uids(process)}
+                  for name, pid in stack.pids().items()}
+    assert set(running_as) == {"redis", "haproxy", "metrics", "worker-00", "worker-01"}
+    assert all(found == {expected} for found in running_as.values()), running_as
+    assert expected != 0
+    alice, bob = resuming("alice"), resuming("bob")
+    alice.enter(room)
+    bob.enter(room)
+    sent = alice.send_reliably(room, "from an unprivileged worker")
+    bob.wait_for("message", lambda got: sent in bob.ids)
+
+
+def test_redis_is_bounded_and_refuses_writes_rather_than_evict(stack):
+    assert "\nmaxmemory 512mb\n" in (stack.var / "redis.conf").read_text()
+    settings = dict(line.split("=", 1) for line in (stack.var / "stack.env").read_text().splitlines()
+                    if not line.startswith("#"))
+    client = redis.Redis.from_url(settings["REDIS_URL"])
+    assert client.config_get("maxmemory") == {"maxmemory": str(512 << 20)}
+    assert client.config_get("maxmemory-policy") == {"maxmemory-policy": "noeviction"}
+
+
+def test_an_operator_announces_without_loading_the_stack_settings(stack, resuming, room):
+    listener = resuming("listener")
+    result = announce(stack, "--all", "maintenance at noon")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "announced to every client (2 workers listening)\n"
+    listener.wait_for("announcement", lambda got: [a["text"] for a in got] == ["maintenance at noon"])
+
+    # a REDIS_URL of the operator's own wins over the stack's
+    down = RedisServer(stack.var / "redis").start()
+    down.stop()
+    result = announce(stack, "--all", "never sent", REDIS_URL=down.url)
+    assert result.returncode == 1
+    assert f"scalechat: cannot reach Redis at {down.url}: nothing was announced" in result.stderr
+    assert "announced to" not in result.stdout
+
+
+def test_a_bad_drain_time_stops_the_rolling_restart_before_it_touches_a_worker(stack):
+    before = stack.pids()
+    result = stack.script("rolling-restart", "--drain-seconds", "abc", check=False)
+    assert result.returncode == 2
+    assert "--drain-seconds must be a number of seconds (e.g. 2 or 0.5), got 'abc'" in result.stderr
+    assert [stack.server_stats(f"worker-0{n}")["status"] for n in range(2)] == ["UP", "UP"]
+    assert stack.pids() == before
+
+
+def test_an_interrupted_rolling_restart_puts_its_worker_back_in_service(stack):
+    """Ctrl-C while a worker drains: the worker goes back to ready in HAProxy, not left drained."""
+    restart = subprocess.Popen([str(ROOT / "deploy/rolling-restart"), "--quiet", "--drain-seconds", "120"],
+                               env=stack.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, start_new_session=True)
+    try:
+        wait_until(lambda: stack.server_stats("worker-00")["status"] == "DRAIN", timeout=30,
+                   what="the rolling restart to drain worker-00")
+        os.killpg(restart.pid, signal.SIGINT)
+        output, _ = restart.communicate(timeout=30)
+    finally:
+        if restart.poll() is None:
+            os.killpg(restart.pid, signal.SIGKILL)
+            restart.wait()
+    assert restart.returncode != 0
+    assert "worker-00: stopped half-way; put back in service in HAProxy" in output
+    assert stack.server_stats("worker-00")["status"] == "UP"
 
 
 def test_polling_through_the_proxy_relies_on_the_sticky_cookie(stack, resuming, room):
@@ -233,19 +328,19 @@ def test_a_browser_page_misses_nothing_across_a_rolling_restart(stack, chromium,
     assert "Restarting for maintenance" in page.locator("#messages li.announcement").first.inner_text()
 
 
-def test_a_taken_port_stops_the_start_with_its_name(tmp_path):
+def test_a_taken_port_stops_the_start_with_its_name(service_tmp):
     blocker = socket.socket()
     blocker.bind(("127.0.0.1", 0))
     blocker.listen()
     try:
-        stack = Stack(tmp_path / "var")
+        stack = Stack(service_tmp / "var")
         stack.env["STATS_PORT"] = str(blocker.getsockname()[1])
         result = stack.script("run", check=False)
     finally:
         blocker.close()
     assert result.returncode != 0
     assert f"port {stack.env['STATS_PORT']} for the HAProxy stats page (STATS_PORT)" in result.stderr
-    assert not (tmp_path / "var" / "run" / "supervisord.pid").exists()
+    assert not (service_tmp / "var" / "run" / "supervisord.pid").exists()
 
 
 @pytest.mark.parametrize("name", ["install", "configure", "run", "stop", "status",
