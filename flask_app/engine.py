@@ -53,6 +53,7 @@ class ChatSocket(Socket):
     websocket = None  # the transport.Connection, once one is opened
     ping_timer = None
     inbox = None  # packets received and not yet handled
+    protocol_error = None  # (close code, reason) to close with once the inbox is handled
 
     def send(self, pkt):
         if self.websocket is None or not self.upgraded:
@@ -94,7 +95,7 @@ class ChatSocket(Socket):
         self.websocket = transport.Connection(
             ws.sock, self._on_message, self._on_websocket_closed,
             max_message=self.server.max_http_buffer_size,
-            max_buffered=self.server.max_send_buffer)
+            max_buffered=self.server.max_send_buffer, on_error=self._on_protocol_error)
         if ws.answer is not None:  # the handshake's 101, before the first frame
             self.websocket.send(ws.answer)
         if self.connected:  # an upgrade from polling: the probe comes first
@@ -163,7 +164,17 @@ class ChatSocket(Socket):
                 self.websocket.close(CloseReason.INTERNAL_ERROR)
                 break
         self.inbox = None
-        self.websocket.resume()
+        if self.protocol_error is not None:
+            self.websocket.close(*self.protocol_error)
+        else:
+            self.websocket.resume()
+
+    def _on_protocol_error(self, code, reason):
+        """Close with the client's error, after answering the packets it sent before it."""
+        if self.inbox is None:
+            self.websocket.close(code, reason)
+        else:
+            self.protocol_error = (code, reason)
 
     def _on_websocket_closed(self, reason):
         if not self.upgraded:  # the upgrade did not finish: polling goes on
