@@ -198,6 +198,9 @@ class _Sockets(dict):
 class EngineServer(engineio.Server):
     """Engine.IO server whose refusals never hang or answer 500, with loop-served WebSockets.
 
+    An origin python-engineio refuses gets a 403 rather than its 400, and a WebSocket from it
+    gets that 403 instead of the 101 (handler.ChatHandler.run_websocket).
+
     `max_send_buffer`: bytes that may wait for a client before it is disconnected.
     `runners` handle the sockets' packets, on greenlets reused from one burst to the next.
     """
@@ -217,7 +220,20 @@ class EngineServer(engineio.Server):
             if eio_socket is not None:
                 eio_socket.close(wait=False, reason=self.reason.SERVER_DISCONNECT)
 
+    def refused_origin(self, environ):
+        """The request's Origin if python-engineio's rule (SCALECHAT_ALLOWED_ORIGINS) refuses it."""
+        origin = environ.get("HTTP_ORIGIN")
+        if not origin or self.cors_allowed_origins == []:  # [] turns the check off
+            return None
+        allowed = self._cors_allowed_origins(environ)  # None: any origin
+        return origin if allowed is not None and origin not in allowed else None
+
     def handle_request(self, environ, start_response):
+        origin = self.refused_origin(environ)
+        if origin is not None:  # 403 for polling and WebSocket alike, before any upgrade
+            start_response("403 FORBIDDEN", [("Content-Type", "application/json")])
+            return [orjson.dumps({"error": "origin_not_allowed",
+                                  "detail": f"origin {origin} may not connect here"})]
         try:
             return super().handle_request(environ, start_response)
         except KeyError:  # the session closed while this request was on its way
