@@ -53,6 +53,7 @@ class ChatSocket(Socket):
     websocket = None  # the transport.Connection, once one is opened
     ping_timer = None
     inbox = None  # packets received and not yet handled
+    protocol_error = None  # (close code, reason) to close with once the inbox is handled
 
     def send(self, pkt):
         if self.websocket is None or not self.upgraded:
@@ -94,7 +95,7 @@ class ChatSocket(Socket):
         self.websocket = transport.Connection(
             ws.sock, self._on_message, self._on_websocket_closed,
             max_message=self.server.max_http_buffer_size,
-            max_buffered=self.server.max_send_buffer)
+            max_buffered=self.server.max_send_buffer, on_error=self._on_protocol_error)
         if ws.answer is not None:  # the handshake's 101, before the first frame
             self.websocket.send(ws.answer)
         if self.connected:  # an upgrade from polling: the probe comes first
@@ -163,7 +164,17 @@ class ChatSocket(Socket):
                 self.websocket.close(CloseReason.INTERNAL_ERROR)
                 break
         self.inbox = None
-        self.websocket.resume()
+        if self.protocol_error is not None:
+            self.websocket.close(*self.protocol_error)
+        else:
+            self.websocket.resume()
+
+    def _on_protocol_error(self, code, reason):
+        """Close with the client's error, after answering the packets it sent before it."""
+        if self.inbox is None:
+            self.websocket.close(code, reason)
+        else:
+            self.protocol_error = (code, reason)
 
     def _on_websocket_closed(self, reason):
         if not self.upgraded:  # the upgrade did not finish: polling goes on
@@ -192,6 +203,9 @@ class _Sockets(dict):
 class EngineServer(engineio.Server):
     """Engine.IO server whose refusals never hang or answer 500, with loop-served WebSockets.
 
+    An origin python-engineio refuses gets a 403 rather than its 400, and a WebSocket from it
+    gets that 403 instead of the 101 (handler.ChatHandler.run_websocket).
+
     `max_send_buffer`: bytes that may wait for a client before it is disconnected.
     `runners` handle the sockets' packets, on greenlets reused from one burst to the next.
     """
@@ -213,7 +227,20 @@ class EngineServer(engineio.Server):
             if eio_socket is not None:
                 eio_socket.close(wait=False, reason=self.reason.SERVER_DISCONNECT)
 
+    def refused_origin(self, environ):
+        """The request's Origin if python-engineio's rule (SCALECHAT_ALLOWED_ORIGINS) refuses it."""
+        origin = environ.get("HTTP_ORIGIN")
+        if not origin or self.cors_allowed_origins == []:  # [] turns the check off
+            return None
+        allowed = self._cors_allowed_origins(environ)  # None: any origin
+        return origin if allowed is not None and origin not in allowed else None
+
     def handle_request(self, environ, start_response):
+        origin = self.refused_origin(environ)
+        if origin is not None:  # 403 for polling and WebSocket alike, before any upgrade
+            start_response("403 FORBIDDEN", [("Content-Type", "application/json")])
+            return [orjson.dumps({"error": "origin_not_allowed",
+                                  "detail": f"origin {origin} may not connect here"})]
         try:
             return super().handle_request(environ, start_response)
         except KeyError:  # the session closed while this request was on its way

@@ -10,7 +10,9 @@ Out: pywsgi sends a response's status line and headers with one send() and its b
 another; a body of up to ONE_SEND_MAX bytes now goes out with its head in one send(). The
 101 answer to a WebSocket handshake waits for the connection's first frame: whoever takes
 the socket (transport.take_socket) sends it first, and gevent-websocket's own writes put
-it in front of theirs.
+it in front of theirs. An application that refuses the WebSocket instead (an origin it does
+not allow, an unknown session) answers with a status of its own, which then goes out in
+place of the 101: the client learns why it was refused rather than seeing a closed socket.
 """
 import email.parser
 import http.client
@@ -74,6 +76,40 @@ class ChatHandler(WebSocketHandler):
                 write(data if answer is None else answer + data)
             websocket.raw_write = write_after_answer
         return result
+
+    def run_websocket(self):
+        """Run the application on the upgraded request; send its refusal if it answers one.
+
+        gevent-websocket ignores the status an application answers once it has accepted the
+        handshake; here it goes out while the 101 is still held, and the connection closes.
+        """
+        websocket, answered = self.websocket, []
+
+        def start_response(status, headers, exc_info=None):
+            answered[:] = [status, headers]
+        try:
+            result = self.application(self.environ, start_response)
+            try:
+                body = b"".join(result)
+            finally:
+                if hasattr(result, "close"):
+                    result.close()
+            if answered and self.upgrade_answer is not None:
+                self.upgrade_answer = None
+                websocket.closed, websocket.handler = True, None  # no close frame after it
+                self._send_refusal(*answered, body)
+        finally:
+            if not websocket.closed:
+                websocket.close()
+            self.environ["wsgi.websocket"] = None
+            self.websocket = None
+
+    def _send_refusal(self, status, headers, body):
+        lines = [f"HTTP/1.1 {status}"]
+        lines += [f"{name}: {value}" for name, value in headers
+                  if name.lower() not in ("content-length", "connection")]
+        lines += [f"Content-Length: {len(body)}", "Connection: close", "", ""]
+        self._sendall("\r\n".join(lines).encode("latin-1") + body)
 
     def _write_with_headers(self, data):
         self._holding = True

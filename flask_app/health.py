@@ -1,8 +1,11 @@
-"""Liveness, readiness and metrics of this worker, for the proxy, Prometheus and operators."""
+"""Liveness and readiness of this worker, for the proxy and operators.
+
+Its metrics are not here: a worker's port is the public one behind HAProxy, and
+`scalechat serve-metrics` serves every worker's on 127.0.0.1 (metrics.py).
+"""
 import redis
 from flask import Blueprint, current_app, jsonify
 
-from . import metrics
 from .services import get_services
 
 bp = Blueprint("health", __name__)
@@ -36,10 +39,3 @@ def readyz():
                        reason=problem), 503
     return jsonify(status="ok", worker=services.config.worker_id,
                    connections=len(services.presence.local))
-
-
-@bp.get("/metrics")
-def scrape():
-    """Prometheus metrics of every worker on this host."""
-    body, content_type = metrics.exposition()
-    return body, 200, {"Content-Type": content_type}

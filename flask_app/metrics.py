@@ -1,16 +1,16 @@
 """Prometheus metrics of a worker.
 
 With PROMETHEUS_MULTIPROC_DIR set (deploy/configure sets it to var/metrics), every worker
-writes its samples there and one scrape of /metrics on any worker covers the whole host.
+writes its samples there, and `scalechat serve-metrics` (`serve`) answers a scrape for the
+whole host on 127.0.0.1. Workers serve no metrics: their port is the public one.
 Gauges count only live workers: a restarted worker removes the files of dead ones.
 """
 import glob
 import os
 import re
 
-from prometheus_client import (CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Counter,
-                               Gauge, Histogram, generate_latest, multiprocess,
-                               start_http_server)
+from prometheus_client import (REGISTRY, CollectorRegistry, Counter, Gauge, Histogram,
+                               multiprocess, start_http_server)
 
 CONNECTED = Gauge("scalechat_connected_clients", "Socket.IO connections open",
                   ["worker"], multiprocess_mode="livesum")
@@ -96,11 +96,6 @@ def _registry():
     registry = CollectorRegistry()
     multiprocess.MultiProcessCollector(registry)
     return registry
-
-
-def exposition():
-    """Return (body, content type) of a scrape: every worker's samples in multiprocess mode."""
-    return generate_latest(_registry()), CONTENT_TYPE_LATEST
 
 
 def serve(host, port):

@@ -8,7 +8,10 @@ is taken from the request's greenlet, which then ends:
 
 - reads: a read watcher calls back when bytes arrive; short text frames, what clients
   send, are read directly (`plain_text_frames`), anything else by wsproto, which answers
-  pings; every whole message goes to `on_message`;
+  pings; every whole message goes to `on_message`. A message over `max_message` bytes of
+  UTF-8 (not characters: the limit is the Engine.IO `maxPayload` clients are told) or a
+  broken frame stops the reading, and the connection closes with the matching code once
+  the messages read before it are handled (`on_error`);
 - writes: the frames sent to a connection during one turn of the loop go out together in
   one send() when the turn ends, so a broadcast costs one system call per member and adds
   no delay. What the kernel does not take waits for a write watcher; a client that stops
@@ -141,16 +144,19 @@ def plain_text_frames(data):
 class Connection:
     """One server-side WebSocket on a non-blocking socket, driven by loop callbacks."""
 
-    __slots__ = ("sock", "on_message", "on_close", "max_message", "max_buffered", "protocol",
-                 "plain", "fragments", "size", "out", "buffered", "pending", "closing",
-                 "closed", "reader", "writer", "timer", "nodelay", "flushes", "window_start",
-                 "last_flush")
+    __slots__ = ("sock", "on_message", "on_close", "on_error", "max_message", "max_buffered",
+                 "protocol", "plain", "fragments", "size", "out", "buffered", "pending",
+                 "refused", "closing", "closed", "reader", "writer", "timer", "nodelay",
+                 "flushes", "window_start", "last_flush")
 
-    def __init__(self, sock, on_message, on_close, max_message, max_buffered):
+    def __init__(self, sock, on_message, on_close, max_message, max_buffered, on_error=None):
         self.sock = sock
         self.on_message = on_message  # (str | bytes) -> None, each whole message
         self.on_close = on_close  # (reason: str) -> None, once, when the connection is gone
-        self.max_message = max_message
+        # (code, reason) -> None: the client broke the protocol and nothing more is read; the
+        # owner calls close(code, reason) once it has handled the messages before. None: at once.
+        self.on_error = on_error
+        self.max_message = max_message  # bytes of one message, as it came over the wire
         self.max_buffered = max_buffered
         self.protocol = None  # wsproto's, made when first needed: most connections never do
         self.plain = True  # every frame so far was read by plain_text_frames, none by wsproto
@@ -159,6 +165,7 @@ class Connection:
         self.out = []
         self.buffered = 0
         self.pending = False  # waiting in end_of_turn
+        self.refused = False  # the client broke the protocol: never read again
         self.closing = False
         self.closed = False
         self.reader = self.writer = self.timer = None
@@ -201,7 +208,8 @@ class Connection:
             self.reader.stop()
 
     def resume(self):
-        if self.reader is not None and not self.reader.active and not self.closing:
+        if (self.reader is not None and not self.reader.active and not self.closing
+                and not self.refused):
             self.reader.start(self._readable)
 
     def close(self, code=CloseReason.NORMAL_CLOSURE, reason=None):
@@ -310,15 +318,25 @@ class Connection:
             protocol = self._wsproto()
             protocol.receive_bytes(data)
             for received in protocol.received_frames():
-                if self.closing or self.closed:
+                if self.closing or self.closed or self.refused:
                     return
                 self._frame(received)
         except ParseFailed as exc:
             log.info("websocket protocol error: %s", exc)
-            self.close(exc.code, str(exc))
+            self._refuse(exc.code, str(exc))
         except Exception:
             log.exception("websocket message handling failed")
             self.close(CloseReason.INTERNAL_ERROR)
+
+    def _refuse(self, code, reason):
+        """Read nothing more; close once what was read before is handled (see `on_error`)."""
+        self.refused = True
+        if self.reader is not None:
+            self.reader.stop()
+        if self.on_error is None:
+            self.close(code, reason)
+        else:
+            self.on_error(code, reason)
 
     def _wsproto(self):
         if self.protocol is None:
@@ -333,10 +351,13 @@ class Connection:
             code, reason = received.payload
             self.close(code, reason)
         elif opcode is not Opcode.PONG:  # a piece of a text or binary message
-            self.size += len(received.payload)
+            payload = received.payload
+            # wsproto hands text over decoded: count the bytes it came in
+            self.size += (len(payload) if not isinstance(payload, str) or payload.isascii()
+                          else len(payload.encode()))
             if self.size > self.max_message:
                 log.info("websocket message over %d bytes refused", self.max_message)
-                self.close(CloseReason.MESSAGE_TOO_BIG, "message too big")
+                self._refuse(CloseReason.MESSAGE_TOO_BIG, "message too big")
                 return
             if received.message_finished and self.fragments is None:
                 message = received.payload

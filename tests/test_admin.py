@@ -190,9 +190,9 @@ def test_the_uis_origin_may_open_the_admin_namespace_only(admin_workers, clients
     assert answer.status_code == 200
     assert answer.headers["Access-Control-Allow-Origin"] == ui_origin
     assert requests.get(admin_workers[0].url + handshake, timeout=5,
-                        headers={"Origin": f"http://127.0.0.1:{ui_port + 1}"}).status_code == 400
+                        headers={"Origin": f"http://127.0.0.1:{ui_port + 1}"}).status_code == 403
     assert requests.get(workers[0].url + handshake, headers={"Origin": ui_origin},
-                        timeout=5).status_code == 400, "the UI's origin without the Admin UI"
+                        timeout=5).status_code == 403, "the UI's origin without the Admin UI"
 
     AdminClient().connect(admin_workers[0], headers={"Origin": ui_origin},
                           transports=["polling"]).close()

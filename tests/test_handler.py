@@ -60,9 +60,12 @@ class Recorder:
 
 def app(environ, start_response):
     websocket = environ.get("wsgi.websocket")
-    if websocket is not None:  # gevent-websocket's own WebSocket: greet, or say nothing
+    if websocket is not None:  # gevent-websocket's own WebSocket: greet, refuse, or say nothing
         if environ["PATH_INFO"] == "/greet":
             websocket.send("hello")
+        if environ["PATH_INFO"] == "/refuse":
+            start_response("403 FORBIDDEN", [("Content-Type", "text/plain")])
+            return [b"not ", b"from there"]
         return []
     size = int(environ["PATH_INFO"].strip("/"))
     if environ["QUERY_STRING"] == "chunked":  # no Content-Length: two chunks
@@ -146,3 +149,11 @@ def test_the_101_answer_comes_before_the_close_of_an_app_that_says_nothing(serve
     answer, _, frames = received.partition(b"\r\n\r\n")
     assert frames[:1] == b"\x88"  # a close frame
     assert len(server.sent) == 1
+
+
+def test_a_websocket_the_app_refuses_gets_its_answer_instead_of_the_101(server):
+    received = handshake(server, "/refuse")
+    head, _, body = received.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 403 FORBIDDEN\r\n") and b"101" not in received
+    assert b"\r\nContent-Length: 14\r\n" in head and body == b"not from there"
+    assert server.sent == [received]

@@ -1,7 +1,9 @@
 """What operators see: metrics for the whole host, readiness behind HAProxy, logs, announcements."""
 import json
 import os
+import re
 import signal
+import socket
 import subprocess
 
 import pytest
@@ -13,11 +15,42 @@ from conftest import BIN, ROOT, free_port, stop_process, wait_until
 from deployment import free_port_run
 
 
-def scrape(worker):
-    """Return {(metric name, frozen labels): value} from one /metrics scrape."""
-    text = requests.get(worker.url + "/metrics", timeout=5).text
-    return {(sample.name, frozenset(sample.labels.items())): sample.value
-            for family in text_string_to_metric_families(text) for sample in family.samples}
+class Exporter:
+    """`scalechat serve-metrics` on a free port, over the metrics directory its workers share."""
+
+    def __init__(self, metrics_dir):
+        self.env = {"PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}/metrics"
+        self.proc = subprocess.Popen(
+            [str(BIN / "scalechat"), "serve-metrics", "--host", "127.0.0.1", "--port", str(port)],
+            env={**os.environ, **self.env}, stdout=subprocess.DEVNULL)
+
+        def answers():
+            assert self.proc.poll() is None, "scalechat serve-metrics exited"
+            try:
+                return requests.get(self.url, timeout=1).ok
+            except requests.ConnectionError:
+                return False
+        wait_until(answers, what="scalechat serve-metrics")
+
+    def text(self):
+        return requests.get(self.url, timeout=5).text
+
+    def scrape(self):
+        """Return {(metric name, frozen labels): value} from one scrape."""
+        return {(sample.name, frozenset(sample.labels.items())): sample.value
+                for family in text_string_to_metric_families(self.text())
+                for sample in family.samples}
+
+
+@pytest.fixture
+def exporter(tmp_path):
+    metrics_dir = tmp_path / "metrics"
+    metrics_dir.mkdir()
+    started = Exporter(metrics_dir)
+    yield started
+    stop_process(started.proc)
 
 
 def total(samples, name, **labels):
@@ -26,10 +59,8 @@ def total(samples, name, **labels):
 
 
 def test_one_scrape_counts_every_worker_and_forgets_dead_ones(worker_factory, clients, room,
-                                                               tmp_path):
-    metrics_dir = tmp_path / "metrics"
-    metrics_dir.mkdir()
-    env = {"PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}
+                                                               exporter):
+    env = exporter.env
     w1 = worker_factory("m1", **env)
     w2 = worker_factory("m2", **env)
     people = [clients(name).connect(worker) for name, worker in
@@ -43,7 +74,7 @@ def test_one_scrape_counts_every_worker_and_forgets_dead_ones(worker_factory, cl
     for person in people:
         person.wait_for("message", lambda got: len(got) >= 4)
 
-    samples = scrape(w2)
+    samples = exporter.scrape()
     assert total(samples, "scalechat_connected_clients") == 3
     assert total(samples, "scalechat_connected_clients", worker="m1") == 2
     assert total(samples, "scalechat_connects_total") == 3
@@ -57,15 +88,16 @@ def test_one_scrape_counts_every_worker_and_forgets_dead_ones(worker_factory, cl
     assert total(samples, "scalechat_redis_seconds_count", operation="append") == 5
 
     w1.stop(signal.SIGKILL)
-    w1_again = worker_factory("m1", **env)  # as supervisord would restart it
-    samples = scrape(w1_again)
+    worker_factory("m1", **env)  # as supervisord would restart it
+    samples = exporter.scrape()
     assert total(samples, "scalechat_connected_clients") == 1, "the dead worker's clients linger"
     assert total(samples, "scalechat_connects_total") == 3
     assert total(samples, "scalechat_messages_stored_total") == 4
     assert total(samples, "scalechat_deliveries_total") == 12
 
 
-def test_haproxy_routes_around_a_worker_that_is_not_ready(worker_factory, tmp_path):
+def test_haproxy_routes_around_a_worker_that_is_not_ready(worker_factory, service_tmp):
+    tmp_path = service_tmp  # deploy/configure checks that the stack's user can reach var/
     base = free_port_run(2)
     worker_factory("ready", port=base)
     worker_factory("not-ready", port=base + 1, redis_url="redis://127.0.0.1:1/0",
@@ -162,11 +194,54 @@ def test_logs_are_json_lines_naming_the_worker(worker_factory, clients, room):
     assert events["disconnect"]["rooms"] == [room]
 
 
-def test_the_dashboard_only_charts_metrics_that_exist(workers):
-    import re
+def test_the_dashboard_only_charts_metrics_that_exist(worker_factory, clients, room, exporter):
     dashboard = json.loads((ROOT / "deploy/grafana-dashboard.json").read_text())
     wanted = {name for panel in dashboard["panels"] for target in panel["targets"]
               for name in re.findall(r"scalechat_\w+", target["expr"])}
-    exposed = requests.get(workers[0].url + "/metrics", timeout=5).text
+    worker = worker_factory("charted", **exporter.env)
+    alice = clients("alice").connect(worker)  # a connect, a join, a message and an error ack
+    alice.join(room)
+    assert alice.send(room, "hello")["ok"]
+    assert alice.call("leave", {"room": "not-joined-room"})["error"] == "not_member"
+    exposed = exporter.text()
     assert wanted and all(f"\n{name}" in exposed or f"# TYPE {name.removesuffix('_bucket')}" in exposed
                           for name in wanted), wanted
+
+
+METRICS_SPELLINGS = ["/metrics", "//metrics", "/metrics/", "/%6Detrics", "/METRICS", "/./metrics",
+                     "/metrics?x=1", "/static/../metrics"]
+
+
+def raw_get(url, path):
+    """GET `path` exactly as spelled (HTTP clients tidy paths up); return (status, head, body)."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as conn:
+        conn.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nConnection: close\r\n\r\n"
+                     .encode())
+        response = b""
+        while chunk := conn.recv(65536):
+            response += chunk
+    head, _, body = response.partition(b"\r\n\r\n")
+    location = re.search(rb"\r\nLocation: ([^\r]+)", head, re.IGNORECASE)
+    if location:  # a tidied-up path: follow it, as a scraper would
+        return raw_get(url, location.group(1).decode().removeprefix(url))
+    return int(head.split()[1]), head, body
+
+
+def serves_metrics(url, path):
+    status, _, body = raw_get(url, path)
+    return status == 200 and (b"# TYPE" in body or b"scalechat_" in body)
+
+
+def test_no_spelling_of_metrics_is_served_by_a_worker_or_the_proxy(workers, stack):
+    served = {}
+    for name, url in (("worker", workers[0].url), ("proxy", stack.url)):
+        assert raw_get(url, "/healthz")[0] == 200
+        served[name] = [path for path in METRICS_SPELLINGS if serves_metrics(url, path)]
+    assert served == {"worker": [], "proxy": []}
+    # and the proxy refuses each spelling itself, without asking a worker
+    for path in METRICS_SPELLINGS:
+        status, head, _ = raw_get(stack.url, path)
+        assert status == 404 and b"x-scalechat-worker" not in head.lower(), path
+    for path in ("/rooms/metrics", "/api/rooms/metrics/messages", "/metrics-of-rooms"):
+        assert b"x-scalechat-worker" in raw_get(stack.url, path)[1].lower(), path  # a room's pages

@@ -1,11 +1,16 @@
 """Refusals: who may connect, and every kind of bad payload, answered without harm."""
 import itertools
+import json
+import socket
 
+import engineio
 import itsdangerous
 import pytest
 import socketio
+import websocket
 
 from conftest import SECRET_KEY, ChatClient
+from flask_app.engine import EngineServer
 
 
 def refused(worker, **connect_kwargs):
@@ -113,3 +118,81 @@ def test_unknown_events_and_floods_of_bad_input_leave_others_unaffected(workers,
     alice.sio.emit("no-such-event", {"room": room})
     assert bob.send(room, "after the flood")["ok"]
     assert alice.wait_for("message", lambda got: got)[0]["text"] == "after the flood"
+
+
+def raw_handshake(worker, origin):
+    """A browser's WebSocket handshake from `origin`: the worker's answer, up to its close or
+    the end of its 101."""
+    host, port = worker.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as conn:
+        conn.sendall(b"GET /socket.io/?EIO=4&transport=websocket HTTP/1.1\r\nHost: %s:%s\r\n"
+                     b"Origin: %s\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                     b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                     b"Sec-WebSocket-Version: 13\r\n\r\n" % (host.encode(), port.encode(),
+                                                               origin.encode()))
+        received = b""
+        while not received.startswith(b"HTTP/1.1 101") or b"\r\n\r\n" not in received:
+            chunk = conn.recv(65536)
+            if not chunk:
+                break
+            received += chunk
+    return received
+
+
+def test_a_websocket_from_a_refused_origin_gets_a_403_not_a_101(workers):
+    received = raw_handshake(workers[0], "https://evil.example")
+    head, _, body = received.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 403") and b"101" not in head
+    assert json.loads(body) == {"error": "origin_not_allowed",
+                                "detail": "origin https://evil.example may not connect here"}
+    assert raw_handshake(workers[0], workers[0].url).startswith(b"HTTP/1.1 101")  # its own site
+
+
+def test_clients_from_a_refused_origin_learn_the_403(worker_factory):
+    listed = worker_factory("origins-ws", SCALECHAT_ALLOWED_ORIGINS="https://chat.example")
+    url = listed.url.replace("http", "ws") + "/socket.io/?EIO=4&transport=websocket"
+    with pytest.raises(websocket.WebSocketBadStatusException) as refusal:
+        websocket.create_connection(url, origin="https://evil.example", timeout=10)
+    assert refusal.value.status_code == 403 and b"origin_not_allowed" in refusal.value.resp_body
+    allowed = websocket.create_connection(url, origin="https://chat.example", timeout=10)
+    assert allowed.recv().startswith("0{")
+    allowed.close()
+    for transport in ("websocket", "polling"):
+        client = ChatClient("elsewhere")
+        with pytest.raises(socketio.exceptions.ConnectionError) as refusal:
+            client.sio.connect(listed.url, auth={"token": listed.token("elsewhere")},
+                               headers={"Origin": "https://evil.example"},
+                               transports=[transport], wait_timeout=5)
+        assert not client.sio.connected
+        if transport == "polling":  # python-socketio passes the answer on to connect_error
+            assert "403" in str(refusal.value)
+            assert client.connect_error["error"] == "origin_not_allowed"
+        else:  # and keeps websocket-client's refusal as the cause of its own
+            cause = refusal.value
+            while not isinstance(cause, websocket.WebSocketBadStatusException):
+                cause = cause.__cause__ or cause.__context__
+            assert cause.status_code == 403
+
+
+ORIGIN_SETTINGS = [None, "*", ["*"], [], "https://a.example", ["https://a.example", "http://b:8"],
+                   lambda origin: origin.endswith(".example")]
+ORIGINS = [None, "", "https://a.example", "http://b:8", "https://evil.example", "http://host:80",
+           "https://host:80", "https://proxy.example"]
+FORWARDED = [{}, {"HTTP_X_FORWARDED_PROTO": "https"},
+             {"HTTP_X_FORWARDED_HOST": "proxy.example", "HTTP_X_FORWARDED_PROTO": "https, http"}]
+
+
+@pytest.mark.parametrize("setting", ORIGIN_SETTINGS)
+def test_the_origin_refused_is_the_one_python_engineio_refuses(setting):
+    """EngineServer.refused_origin calls engineio's private _cors_allowed_origins: an upgrade
+    that changes the rule or that method fails here."""
+    ours = EngineServer(max_send_buffer=1, async_mode="threading", cors_allowed_origins=setting)
+    theirs = engineio.Server(async_mode="threading", cors_allowed_origins=setting)
+    for origin, forwarded in itertools.product(ORIGINS, FORWARDED):
+        environ = {"REQUEST_METHOD": "GET", "QUERY_STRING": "EIO=4&transport=none",
+                   "wsgi.url_scheme": "http", "HTTP_HOST": "host:80", **forwarded}
+        if origin is not None:
+            environ["HTTP_ORIGIN"] = origin
+        answer = theirs.handle_request(environ, lambda status, headers: None)
+        refused_by_engineio = answer == [b'"Not an accepted origin."']
+        assert (ours.refused_origin(environ) is not None) == refused_by_engineio, (origin, forwarded)

@@ -430,3 +430,84 @@ def test_a_burst_of_events_is_answered_in_order(workers, room):
             acks.append(int(packet[2:packet.index("[")]))
     assert acks == list(range(400))
     ws.close()
+
+
+def socketio_websocket(worker, name):
+    """A raw WebSocket with an open Socket.IO session, for a client that writes its own frames."""
+    ws = websocket.create_connection(
+        worker.url.replace("http", "ws") + "/socket.io/?EIO=4&transport=websocket", timeout=10)
+    assert ws.recv().startswith("0{")
+    ws.send("40" + json.dumps({"token": worker.token(name)}))
+    assert ws.recv().startswith("40{")
+    return ws
+
+
+def answers_and_close(ws):
+    """The text packets the server sends until it closes, and the close code."""
+    answers = []
+    while True:
+        opcode, data = ws.recv_data(control_frame=True)
+        if opcode == websocket.ABNF.OPCODE_CLOSE:
+            ws.close()
+            return answers, struct.unpack("!H", data[:2])[0]
+        answers.append(data.decode())
+
+
+def history_packet(ack_id, size):
+    """A `history` event of exactly `size` bytes of UTF-8, mostly 4-byte characters."""
+    head, tail = f'42{ack_id}["history",{{"room":"r","pad":"', '"}]'
+    room = size - len(head) - len(tail)
+    return head + "\U0001f600" * (room // 4) + "x" * (room % 4) + tail
+
+
+@pytest.fixture(scope="module")
+def small_payload_worker(redis_server, tmp_path_factory):
+    """A worker taking packets of at most 120 bytes: below the size of a directly read frame."""
+    from conftest import Worker
+    worker = Worker(redis_server.url, "small-payload", tmp_path_factory.mktemp("small"),
+                    SCALECHAT_MAX_PAYLOAD="120").start()
+    yield worker
+    worker.stop()
+
+
+@pytest.mark.parametrize("size,frames", [(120, 1), (121, 1), (300, 1), (300, 3), (121, 2)])
+def test_the_payload_limit_counts_bytes_not_characters(small_payload_worker, size, frames):
+    ws = socketio_websocket(small_payload_worker, "sizer")
+    text = history_packet(1, size)
+    assert len(text.encode()) == size and len(text) <= 120  # in characters, always under
+    client = FrameProtocol(client=True, extensions=[])
+    cut = [len(text) * n // frames for n in range(frames + 1)]
+    ws.sock.sendall(b"".join(bytes(client.send_data(text[a:b], fin=b == len(text)))
+                             for a, b in zip(cut, cut[1:])))
+    if size <= 120:
+        assert ws.recv().startswith("431[")
+        ws.close()
+    else:
+        assert answers_and_close(ws) == ([], CloseReason.MESSAGE_TOO_BIG)
+
+
+@pytest.mark.parametrize("bad", ["oversized", "unmasked"])
+def test_packets_read_with_a_protocol_error_are_answered_before_the_close(small_payload_worker,
+                                                                         bad):
+    ws = socketio_websocket(small_payload_worker, "early")
+    client = FrameProtocol(client=True, extensions=[])
+    good = b"".join(bytes(client.send_data(history_packet(n, 60))) for n in (1, 2))
+    if bad == "oversized":
+        broken, code = bytes(client.send_data(history_packet(3, 200))), CloseReason.MESSAGE_TOO_BIG
+    else:
+        broken, code = b"\x81\x02" + b"40", CloseReason.PROTOCOL_ERROR
+    ws.sock.sendall(good + broken)  # in one segment: one read on the server
+    answers, closed_with = answers_and_close(ws)
+    assert [a[:4] for a in answers] == ["431[", "432["] and closed_with == code
+
+
+def test_a_polling_post_is_limited_in_bytes_too(small_payload_worker):
+    url, poll = polling_session(small_payload_worker)
+    token = small_payload_worker.token("poll")
+    assert requests.post(url, params=poll, data="40" + json.dumps({"token": token}), timeout=5).ok
+    assert requests.get(url, params=poll, timeout=5).text.startswith("40{")
+    assert requests.post(url, params=poll, data=history_packet(1, 120).encode(), timeout=5).ok
+    assert requests.get(url, params=poll, timeout=5).text.startswith("431[")
+    assert requests.post(url, params=poll, data=history_packet(2, 121).encode(),
+                         timeout=5).status_code == 400
+    assert requests.get(url, params=poll, timeout=5).status_code == 400  # the session is closed
