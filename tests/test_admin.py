@@ -315,19 +315,6 @@ def test_serve_admin_says_when_the_ui_is_not_installed(tmp_path):
     assert result.returncode != 0 and "run deploy/install" in result.stderr
 
 
-@pytest.fixture(scope="module")
-def chromium():
-    """Debian's headless Chromium driven by Playwright, as in test_stack.py."""
-    from playwright.sync_api import sync_playwright
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path="/usr/bin/chromium", headless=True,
-            args=["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update",
-                  "--disable-sync"])
-        yield browser
-        browser.close()
-
 
 def test_an_operator_sees_the_chat_in_the_admin_ui(admin_workers, admin_ui_server, chromium,
                                                    clients, room, tmp_path):

@@ -21,7 +21,6 @@ from flask_app.config import Config, ConfigError
 from flask_app.keys import Keys
 from flask_app.presence import SEPARATOR
 from test_refusals import refused
-from test_stack import chromium  # noqa: F401 (the fixture)
 
 SITE_SECRET = "the-site-and-the-chat-share-this-secret-of-48-bytes"
 AUDIENCE, ISSUER = "chat.example.org", "https://www.example.org"
@@ -221,7 +220,7 @@ def test_the_http_api_takes_a_site_token_as_bearer(site_worker, rsa_key, clients
 
 
 def test_two_browsers_named_alice_each_see_two_alices_and_know_which_is_them(
-        workers, chromium, room):  # noqa: F811
+        workers, chromium, room):
     pages = []
     for worker in workers:
         page = chromium.new_context().new_page()

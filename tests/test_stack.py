@@ -256,19 +256,6 @@ def test_rolling_restart_loses_no_message(stack, resuming, room):
     assert all(client.connects > 1 for client in listeners + senders)
 
 
-@pytest.fixture(scope="module")
-def chromium():
-    """Debian's headless Chromium driven by Playwright (Playwright's own browser builds are not used)."""
-    from playwright.sync_api import sync_playwright
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path="/usr/bin/chromium", headless=True,
-            args=["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update",
-                  "--disable-sync"])
-        yield browser
-        browser.close()
-
 
 def test_two_browsers_chat_through_the_proxy(stack, chromium, room, tmp_path):
     pages = []
