@@ -1,8 +1,9 @@
 """A Sentinel set for tests: 1 master, 2 replicas and 3 Sentinels (quorum 2) on free ports of 127.0.0.1.
 
-The Redis nodes refuse writes without a replica (`min-replicas-to-write 1`, lag at most 10 s),
-as the deployed ones do, and the Sentinels fail over quickly (down after 1 s) so that a test of
-a failover stays short.
+The Redis nodes refuse writes without a replica (`min-replicas-to-write 1`, lag at most 10 s)
+and start a replica's full resynchronisation at once (`repl-diskless-sync-delay 0`: after a
+failover the new master has no replica until then), as the deployed ones do; the Sentinels
+fail over quickly (down after 1 s) so that a test of a failover stays short.
 """
 import os
 import signal
@@ -32,7 +33,8 @@ class Node:
     def start(self, replica_of=None):
         args = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
                 "--dir", str(self.directory), "--save", "", "--appendonly", "no",
-                "--min-replicas-to-write", "1", "--min-replicas-max-lag", "10"]
+                "--min-replicas-to-write", "1", "--min-replicas-max-lag", "10",
+                "--repl-diskless-sync-delay", "0"]
         if replica_of is not None:
             args += ["--replicaof", "127.0.0.1", str(replica_of)]
         self.proc = subprocess.Popen(args, stdout=open(self.directory / "redis.log", "ab"),
