@@ -207,3 +207,35 @@ def test_ids_follow_a_lost_message_whose_master_clock_ran_ahead(own_redis, worke
     assert after["ok"] and id_order(after["id"]) > id_order(ahead)
     for client in (alice, bob, carol):
         client.wait_for("message", lambda got: after["id"] in [m["id"] for m in got])
+
+
+def test_a_listener_on_an_old_master_moves_and_is_unready_until_it_can(own_sentinel_set,
+                                                                     worker_factory, clients,
+                                                                     room):
+    for node in own_sentinel_set.nodes:
+        node.client().acl_setuser("chat", enabled=True, passwords=["+chat-password"],
+                                  keys=["*"], channels=["*"], commands=["+@all"])
+    url = own_sentinel_set.url.replace("redis+sentinel://", "redis+sentinel://chat:chat-password@")
+    worker = worker_factory("off-master", redis_url=url)
+    alice = clients("alice").connect(worker)
+    alice.join(room)
+    for replica in own_sentinel_set.replicas():  # whichever is promoted refuses our SUBSCRIBE
+        replica.client().acl_setuser("chat", enabled=True, commands=["-subscribe"])
+    old = own_sentinel_set.master_port()
+    # Sentinel cannot demote the old master (as if cut off from it): it keeps our subscription
+    # and answers our pings, but hears nothing of the new master
+    own_sentinel_set.node(old).client().acl_setuser("default", enabled=True,
+                                                    commands=["-replicaof", "-slaveof"])
+    own_sentinel_set.sentinels()[0].execute_command("SENTINEL", "FAILOVER", SERVICE)
+    new = own_sentinel_set.wait_for_new_master(old)
+
+    def readiness():
+        response = requests.get(worker.url + "/readyz", timeout=5)
+        return response.status_code, response.json().get("reason")
+    wait_until(lambda: readiness() == (503, "redis pub/sub listener is not subscribed on the "
+                                            "master"), timeout=30, what="the worker to be unready")
+    sent = wait_until(lambda: (ack := alice.send(room, "while unready"))["ok"] and ack,
+                      timeout=30, what="sends to go to the new master")
+    new.client().acl_setuser("chat", enabled=True, commands=["+subscribe"])
+    wait_until(lambda: readiness()[0] == 200, timeout=30, what="the worker to be ready again")
+    assert [m["id"] for m in alice.wait_for("message", lambda got: got)] == [sent["id"]]
