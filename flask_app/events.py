@@ -101,12 +101,13 @@ class ChatNamespace(socketio.Namespace):
         conn = self._connection(sid)
         newest = None
         if since is not None:
-            # a cursor from the future would make this worker skip the room's next messages
+            # a cursor after the newest message is one its master lost after members saw it,
+            # and resumes like any other; unless it is later than Redis' clock
             newest = self.store.newest_id(room)
-            if id_order(since) > id_order(newest):
+            if id_order(since) > id_order(newest) and not self.store.keep_ids_after(room, since):
                 raise validation.ValidationError(
-                    "invalid_cursor", f"since is after the newest message of {room} ({newest}): "
-                                      "join without it")
+                    "invalid_cursor", f"since is after the newest message of {room} ({newest}) "
+                                      "and later than any message could be: join without it")
         rejoining = room in conn.rooms
         self.enter_room(sid, room)  # before the history is read: nothing falls in between
         try:

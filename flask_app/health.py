@@ -33,7 +33,7 @@ def readyz():
             problem = f"redis: {exc}"
         else:
             if not current_app.extensions["socketio"].manager.listening():
-                problem = "redis pub/sub listener is not subscribed"
+                problem = "redis pub/sub listener is not subscribed on the master"
     if problem:
         return jsonify(status="unavailable", worker=services.config.worker_id,
                        reason=problem), 503

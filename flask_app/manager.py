@@ -9,16 +9,20 @@ stream too, and the gap is retried until it is filled, so no message is ever ski
 a room see each message once, in stream order, without reconnecting.
 
 The listener also pings Redis through its own subscription, so /readyz can tell a worker that
-hears Redis from one whose listener is still reconnecting.
+hears Redis from one whose listener is still reconnecting. With Sentinel, it must also listen
+on the master: after a failover the old master, if it lives, still holds the subscription but
+hears nothing the new master publishes. So the listener subscribes again, and replays, as soon
+as Sentinel names another master, and /readyz fails while it is elsewhere.
 """
 import logging
 import time
 
 import gevent
+import gevent.event
 import gevent.lock
 import socketio
 
-from .redis_pool import redis_client
+from .redis_pool import SentinelPool, redis_client
 from .store import STORE_HOST_ID, id_order
 
 log = logging.getLogger(__name__)
@@ -29,6 +33,8 @@ GAP_RETRY_FIRST, GAP_RETRY_MAX = 0.5, 5.0  # seconds between attempts to fill a 
 # heard a pong for PONG_LIMIT seconds is not ready.
 PING_EVERY = 2
 PONG_LIMIT = 5
+# seconds between attempts to subscribe again (python-socketio's own: 1 doubling up to 60)
+LISTEN_RETRY_FIRST, LISTEN_RETRY_MAX = 0.5, 5.0
 
 
 class PooledRedisManager(socketio.RedisManager):
@@ -41,6 +47,7 @@ class PooledRedisManager(socketio.RedisManager):
     def __init__(self, url, channel, pool_size, write_only=False):
         super().__init__(url, channel=channel, write_only=write_only)
         self.redis = redis_client(url, pool_size)
+        self.master_changed = gevent.event.Event()
 
     def _redis_connect(self):
         """Give the listener a fresh subscription; a publish that failed needs nothing new.
@@ -58,6 +65,28 @@ class PooledRedisManager(socketio.RedisManager):
             self.pubsub = self.redis.pubsub()
         self.connected = True
 
+    def _subscribed_messages(self):
+        """Yield every message of the subscription, subscribing again when it fails.
+
+        Again at once when Sentinel names a new master, else after LISTEN_RETRY_FIRST seconds,
+        doubling up to LISTEN_RETRY_MAX: a failover takes seconds, and each second without
+        a subscription is a second of messages this worker's members wait for.
+        """
+        delay = LISTEN_RETRY_FIRST
+        while True:
+            try:
+                self._redis_connect()
+                self.pubsub.subscribe(self.channel)
+                delay = LISTEN_RETRY_FIRST
+                yield from self.pubsub.listen()
+            except Exception as exc:
+                log.warning("cannot receive from Redis, subscribing again within %.1f s: %s",
+                            delay, exc)
+            if self.master_changed.wait(delay):
+                self.master_changed.clear()
+            else:
+                delay = min(delay * 2, LISTEN_RETRY_MAX)
+
 
 class ChatRedisManager(PooledRedisManager):
     """RedisManager that tracks the last stored message delivered per room and fills gaps."""
@@ -71,28 +100,59 @@ class ChatRedisManager(PooledRedisManager):
         self.filling = gevent.lock.Semaphore()  # one greenlet at a time reads a room's gap
         self.gap_filler = None
         self.last_pong = None
+        self.on_master = False
         self.subscriptions = 0
 
     def initialize(self):
         super().initialize()
+        for pool in {self.redis.connection_pool, self.store.redis.connection_pool}:
+            if isinstance(pool, SentinelPool):
+                pool.watch.start()
+        if isinstance(self.redis.connection_pool, SentinelPool):
+            self.redis.connection_pool.watch.on_switch.append(self._master_switched)
         gevent.spawn(self._ping_forever)
 
     def listening(self):
-        """Whether the pub/sub listener has heard from Redis lately."""
-        return self.last_pong is not None and time.monotonic() - self.last_pong < PONG_LIMIT
+        """Whether the pub/sub listener is on the master and has heard from it lately."""
+        return (self.on_master and self.last_pong is not None
+                and time.monotonic() - self.last_pong < PONG_LIMIT)
 
     def _ping_forever(self):
         while True:
             gevent.sleep(PING_EVERY)
+            self._check_on_master()
             try:
                 self.pubsub.ping()
             except Exception:
                 pass  # the listener reconnects; until then no pong arrives
 
+    def _master_switched(self, address):
+        self.master_changed.set()
+        self._check_on_master()
+
+    def _listener_address(self):
+        connection = self.pubsub.connection if self.pubsub is not None else None
+        return None if connection is None else (connection.host, connection.port)
+
+    def _check_on_master(self):
+        """Drop the subscription if it is not on the master Sentinel names; the listener then
+        subscribes again there and replays what its members missed."""
+        master = getattr(self.redis.connection_pool, "master_address", None)
+        listener = self._listener_address()
+        if master is None or listener is None or listener == master:
+            return
+        if self.on_master:
+            log.warning("the pub/sub listener is on %s:%s, the master is %s:%s: "
+                        "subscribing again", *listener, *master)
+        self.on_master = False
+        self.pubsub.connection.disconnect()
+
     def _listen(self):
         channel = self.channel.encode()
-        for message in self._redis_listen_with_retries():
+        for message in self._subscribed_messages():
             if message["type"] == "subscribe":
+                master = getattr(self.redis.connection_pool, "master_address", None)
+                self.on_master = master is None or self._listener_address() == master
                 self.last_pong = time.monotonic()
                 self.subscriptions += 1
                 if self.subscriptions > 1:
@@ -152,6 +212,9 @@ class ChatRedisManager(PooledRedisManager):
         try:
             while True:
                 page = self.store.history(room, after=self.last_delivered[room], limit=REPLAY_PAGE)
+                if not page and not replayed:  # the cursor may be a message its master lost
+                    self.store.keep_ids_after(room, self.last_delivered[room],
+                                              read_from_redis=True)
                 for stored in page:
                     self._deliver_stored(envelope(stored))
                 replayed += len(page)

@@ -51,6 +51,43 @@ return {entries, first and first[1] or '0-0'}
 """
 
 
+# Make the stream's next ids follow a message id that it may not hold: a message its master
+# lost (a failover, the last second of a crash) after members saw it. KEYS: the stream. ARGV:
+# the id's ms and seq (digits), and '1' if the id was read from Redis, '0' if a client gave it.
+# Returns 0, changing nothing, for a client's id later than Redis' clock: no message had it.
+KEEP_IDS_AFTER = """
+local function later(ms1, seq1, ms2, seq2)  -- digit strings without leading zeros
+  if ms1 ~= ms2 then
+    return #ms1 > #ms2 or (#ms1 == #ms2 and ms1 > ms2)
+  end
+  return #seq1 > #seq2 or (#seq1 == #seq2 and seq1 > seq2)
+end
+local exists = redis.call('EXISTS', KEYS[1]) == 1
+local last_ms, last_seq = '0', '0'
+if exists then
+  local info = redis.call('XINFO', 'STREAM', KEYS[1])
+  for i = 1, #info, 2 do
+    if info[i] == 'last-generated-id' then
+      last_ms, last_seq = string.match(info[i + 1], '^(%d+)-(%d+)$')
+    end
+  end
+end
+if not later(ARGV[1], ARGV[2], last_ms, last_seq) then
+  return 1
+end
+if ARGV[3] ~= '1' then
+  local now = redis.call('TIME')
+  local now_ms = now[1] .. string.format('%03d', math.floor(tonumber(now[2]) / 1000))
+  if later(ARGV[1], '0', now_ms, '0') then
+    return 0
+  end
+end
+if exists then
+  redis.call('XSETID', KEYS[1], ARGV[1] .. '-' .. ARGV[2])
+end
+return 1
+"""
+
 LAST_POSSIBLE_ID = (2**64 - 1, 2**64 - 1)
 
 class NotReplicated(redis.RedisError):
@@ -69,6 +106,7 @@ class MessageStore:
         self.keys = keys
         self.config = config
         self._append = redis.register_script(APPEND_AND_PUBLISH)
+        self._keep_ids_after = redis.register_script(KEEP_IDS_AFTER)
         self._touched = {}  # room -> when this worker last recorded activity there
 
     def append(self, room, user, text, client_id):
@@ -89,8 +127,16 @@ class MessageStore:
         return message_id, bool(created)
 
     def _append_replicated(self, keys, args):
-        """Store, then WAIT on the same connection until enough replicas have the write."""
+        """Store, then WAIT on the same connection until enough replicas have the write.
+
+        Not while Sentinel fails the master over: its other replica acknowledges writes
+        until Sentinel moves it to the new master, which never gets them.
+        """
+        watch = getattr(self.redis.connection_pool, "watch", None)
         for _ in range(2):
+            if watch is not None and watch.under_way:
+                raise NotReplicated("Sentinel is failing over the master")
+            begun = watch.begun if watch is not None else 0
             pipe = self.redis.pipeline(transaction=False)  # one connection for both
             pipe.evalsha(self._append.sha, len(keys), *keys, *args)
             pipe.execute_command("WAIT", self.config.min_replicas, self.config.replica_timeout)
@@ -102,6 +148,8 @@ class MessageStore:
             if replicas < self.config.min_replicas:
                 raise NotReplicated(
                     f"{replicas} of {self.config.min_replicas} replicas have message {message_id}")
+            if watch is not None and watch.begun != begun:
+                raise NotReplicated(f"a failover began while message {message_id} was stored")
             return message_id, created
         raise redis.exceptions.NoScriptError("the store script could not be loaded")
 
@@ -127,6 +175,18 @@ class MessageStore:
         """Return the id of the room's newest message, or '0-0' if it has none."""
         entries = self.redis.xrevrange(self.keys.room_stream(room), "+", "-", count=1)
         return entries[0][0] if entries else "0-0"
+
+    def keep_ids_after(self, room, message_id, read_from_redis=False):
+        """Make the room's next messages' ids follow `message_id`; False if it is not an id
+        that a message could have had yet (a client's, later than Redis' clock).
+
+        A message its master lost may have been delivered: members' cursors are then after
+        the stream's end, and a new master whose clock is behind the old one's would give
+        later messages smaller ids, which the members' workers would take for old ones.
+        """
+        ms, seq = id_order(message_id)
+        return bool(self._keep_ids_after(keys=[self.keys.room_stream(room)],
+                                         args=[ms, seq, int(read_from_redis)]))
 
     def join_history(self, pipe, room, since):
         """Queue on `pipe` the history a joiner gets; return the reader of its reply.

@@ -92,9 +92,10 @@ def test_a_redis_restart_loses_nothing_and_needs_no_reconnect(own_redis, worker_
     refused = alice.send(room, "during the outage", client_id="outage-msg")
     assert refused == {"ok": False, "error": "unavailable", "detail": refused["detail"]}
 
-    # the listeners retry after 1 s, then 2 s more: Redis is back in between, so they
+    # the listeners retry after 0.5 s, 1 s, then 2 s more: Redis is back in between, so they
     # re-subscribe only after the next sends are stored, and must catch up from the stream
-    wait_until(lambda: all("retrying in 2 secs" in w.log_path.read_text() for w in (w1, w2)),
+    wait_until(lambda: all("subscribing again within 2.0 s" in w.log_path.read_text()
+                           for w in (w1, w2)),
                what="both listeners to have failed to reconnect once")
     start_persistent(own_redis)
     during = wait_until(lambda: (ack := alice.send(room, "during the outage",

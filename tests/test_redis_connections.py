@@ -9,69 +9,10 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 from socketio.redis_manager import parse_redis_sentinel_url
 
-from conftest import BIN, RedisServer, free_port, stop_process, wait_until
+from conftest import BIN, RedisServer, wait_until
 from flask_app.config import Config, ConfigError
 from flask_app.redis_pool import COMMAND_TIMEOUT, POOL_TIMEOUT, SentinelURL, parse_url, redis_client
-
-SERVICE = "scalechat"
-
-
-class SentinelSet:
-    """A master, one replica and one Sentinel watching them, on free ports of 127.0.0.1."""
-
-    def __init__(self, directory):
-        self.directory = directory
-        self.master = RedisServer(directory / "master")
-        self.replica = RedisServer(directory / "replica")
-        self.port = free_port()
-        self.url = f"redis+sentinel://127.0.0.1:{self.port}/0/{SERVICE}"
-        self.proc = None
-
-    def start(self):
-        for server in (self.master, self.replica):
-            server.directory.mkdir()
-        self.master.start()
-        self.replica.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.replica.port), "--bind", "127.0.0.1",
-             "--dir", str(self.replica.directory), "--save", "", "--appendonly", "no",
-             "--replicaof", "127.0.0.1", str(self.master.port)], stdout=subprocess.DEVNULL)
-        replica = redis.Redis(port=self.replica.port)
-        wait_until(lambda: _answers(replica, self.replica.proc)
-                   and replica.info("replication")["master_link_status"] == "up",
-                   what="the replica to follow the master")
-        conf = self.directory / "sentinel.conf"  # Sentinel rewrites its file: one of its own
-        conf.write_text(f"port {self.port}\nbind 127.0.0.1\ndir {self.directory}\n"
-                        f"sentinel monitor {SERVICE} 127.0.0.1 {self.master.port} 1\n"
-                        f"sentinel down-after-milliseconds {SERVICE} 5000\n")
-        self.proc = subprocess.Popen(["redis-server", str(conf), "--sentinel"],
-                                     stdout=subprocess.DEVNULL)
-        sentinel = redis.Redis(port=self.port, decode_responses=True)
-        wait_until(lambda: _answers(sentinel, self.proc)
-                   and sentinel.sentinel_master(SERVICE)["flags"] == "master",
-                   what="the Sentinel to watch the master")
-        return self
-
-    def stop(self):
-        for proc in (self.proc, self.replica.proc, self.master.proc):
-            if proc is not None:
-                stop_process(proc)
-
-
-def _answers(client, proc):
-    try:
-        return client.ping()
-    except redis.ConnectionError:
-        assert proc.poll() is None, "a redis-server exited"
-        return False
-
-
-@pytest.fixture(scope="module")
-def sentinel_set(tmp_path_factory):
-    sentinels = SentinelSet(tmp_path_factory.mktemp("sentinel"))
-    try:
-        yield sentinels.start()
-    finally:
-        sentinels.stop()
+from sentinel import sentinel_set  # noqa: F401 (a fixture)
 
 
 @pytest.fixture
@@ -154,9 +95,10 @@ def test_a_sentinel_url_gives_a_blocking_pool_of_the_master(sentinel_set):
     assert isinstance(pool, redis.BlockingConnectionPool)
     assert (pool.max_connections, pool.timeout) == (3, POOL_TIMEOUT)
     assert client.set("written", "to the master")
-    assert pool.master_address == ("127.0.0.1", sentinel_set.master.port)
-    replica = redis.Redis(port=sentinel_set.replica.port, decode_responses=True)
-    wait_until(lambda: replica.get("written") == "to the master", what="the write replicated")
+    assert pool.master_address == ("127.0.0.1", sentinel_set.master_port())
+    for node in sentinel_set.replicas():
+        replica = node.client(decode_responses=True)
+        wait_until(lambda: replica.get("written") == "to the master", what="the write replicated")
     client.close()
 
 
@@ -174,7 +116,7 @@ def test_chat_across_workers_through_sentinel(sentinel_set, worker_factory, clie
     assert announce(sentinel_set.url, "--room", room, "tea").wait(timeout=30) == 0
     assert alice.wait_for("announcement", lambda got: got)[0]["text"] == "tea"
     assert bob.wait_for("announcement", lambda got: got)[0]["text"] == "tea"
-    master = redis.Redis(port=sentinel_set.master.port)
+    master = sentinel_set.master().client()
     assert master.pubsub_numsub("scalechat") == [(b"scalechat", 2)]  # both listeners there
 
 

@@ -7,6 +7,7 @@ internal that moved and the module of ours that leans on it.
 """
 import inspect
 import io
+import subprocess
 import threading
 
 import engineio
@@ -23,7 +24,7 @@ from geventwebsocket.handler import WebSocketHandler
 from redis._parsers import _HiredisParser
 from wsproto.frame_protocol import CloseReason, FrameProtocol, Opcode, ParseFailed
 
-from conftest import wait_until
+from conftest import RedisServer, wait_until
 from flask_app.redis_pool import BlockingPool, SentinelPool
 
 
@@ -224,20 +225,6 @@ def test_socketio_publishes_through_redis_connect_and_retries_once_after_a_failu
     listener.close()
 
 
-def test_socketio_listener_connects_then_subscribes_and_yields_every_pubsub_message(redis_server):
-    """manager.ChatRedisManager counts `subscribe` and `pong` messages of its own pubsub."""
-    manager = RecordingRedisManager(redis_server.url, channel="seams-listen")
-    messages = manager._redis_listen_with_retries()
-    first = next(messages)
-    assert manager.connects == 1
-    assert (first["type"], first["channel"]) == ("subscribe", b"seams-listen")
-    manager.pubsub.ping()
-    assert next(messages)["type"] == "pong"
-    redis.Redis.from_url(redis_server.url).publish("seams-listen", "hello")
-    assert next(messages)["data"] == b"hello"
-    manager.pubsub.close()
-
-
 def test_socketio_listens_in_the_task_it_keeps_as_thread():
     """manager.PooledRedisManager._redis_connect tells the listener by gevent.getcurrent()."""
     listened_in = []
@@ -289,6 +276,86 @@ def test_sentinel_pool_takes_draws_and_queue_from_the_blocking_pool():
     assert pool.connection_kwargs["connection_pool"] is pool.proxy and pool.is_master
     client = sentinel.master_for("svc", connection_pool_class=SentinelPool, max_connections=3)
     assert type(client.connection_pool) is SentinelPool
+
+
+def test_pubsub_listen_yields_subscribe_confirmations_and_pongs(redis_server):
+    """manager.ChatRedisManager counts `subscribe` and `pong` messages of its own pubsub."""
+    pubsub = redis.Redis.from_url(redis_server.url).pubsub()
+    pubsub.subscribe("seams-listen")
+    messages = pubsub.listen()
+    first = next(messages)
+    assert (first["type"], first["channel"]) == ("subscribe", b"seams-listen")
+    pubsub.ping()
+    assert next(messages)["type"] == "pong"
+    redis.Redis.from_url(redis_server.url).publish("seams-listen", "hello")
+    assert next(messages)["data"] == b"hello"
+    assert (pubsub.connection.host, pubsub.connection.port) == (
+        "127.0.0.1", int(redis_server.url.rsplit(":", 1)[1].split("/")[0]))
+    pubsub.close()
+
+
+class NamedMaster(redis.sentinel.Sentinel):
+    """A Sentinel client naming a fixed master, without asking any Sentinel."""
+
+    def __init__(self, address):
+        super().__init__([])
+        self.address = address
+
+    def discover_master(self, service_name):
+        return self.address
+
+
+def test_sentinel_pool_moves_idle_connections_when_the_master_changes(redis_server, tmp_path):
+    """redis_pool.MasterWatch.follow sets `proxy.master_address` and disconnects idle
+    connections, as get_master_address does; the pool drops a busy one to another host."""
+    port = int(redis_server.url.rsplit(":", 1)[1].split("/")[0])
+    sentinel = NamedMaster(("127.0.0.1", port))
+    pool = SentinelPool("svc", sentinel, max_connections=3, timeout=0.5)
+    client = redis.Redis(connection_pool=pool)
+    busy = pool.get_connection()
+    assert client.ping() and pool.master_address == ("127.0.0.1", port)
+    (idle,) = pool._get_free_connections()
+    sentinel.address = ("127.0.0.2", port)
+    assert pool.get_master_address() == ("127.0.0.2", port)
+    assert idle._sock is None and busy._sock is not None
+    pool.release(busy)
+    assert busy._sock is None and not pool.owns_connection(busy)
+    assert pool.proxy.master_address == pool.master_address == ("127.0.0.2", port)
+
+
+def test_sentinel_client_asks_check_master_state_of_every_answer():
+    """redis_pool.FollowingSentinel refuses states whose `flags` say a failover is under way."""
+    assert params(redis.sentinel.Sentinel.check_master_state) == ["self", "state", "service_name"]
+    source = inspect.getsource(redis.sentinel.Sentinel.discover_master)
+    assert "self.check_master_state(state, service_name)" in source
+    sentinel = redis.sentinel.Sentinel([("127.0.0.1", 1)], sentinel_kwargs={"retry": None})
+    assert [s.connection_pool.connection_kwargs["port"] for s in sentinel.sentinels] == [1]
+    assert sentinel.sentinel_kwargs == {"retry": None}
+
+
+def test_sentinel_connection_drops_a_demoted_master(tmp_path):
+    """A master demoted to a replica answers READONLY: redis-py's SentinelManagedConnection
+    then disconnects, so that the next command asks the Sentinels again."""
+    replica = RedisServer(tmp_path)
+    replica.proc = subprocess.Popen(
+        ["redis-server", "--port", str(replica.port), "--bind", "127.0.0.1", "--dir",
+         str(tmp_path), "--save", "", "--replicaof", "127.0.0.1", "1"], stdout=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: _answers(replica.url), what="the replica")
+        pool = SentinelPool("svc", NamedMaster(("127.0.0.1", replica.port)), max_connections=2)
+        client = redis.Redis(connection_pool=pool)
+        with pytest.raises(redis.ConnectionError, match="previous master is now a slave"):
+            client.set("key", "value")
+        assert all(conn._sock is None for conn in pool._connections)
+    finally:
+        replica.stop()
+
+
+def _answers(url):
+    try:
+        return redis.Redis.from_url(url).ping()
+    except redis.ConnectionError:
+        return False
 
 
 def test_pubsub_listen_outlives_the_socket_timeout(redis_server):
