@@ -195,6 +195,19 @@ def test_chat_goes_through_the_proxy_to_both_workers(stack, resuming, room):
         assert client.ids == sent
 
 
+def test_scaling_and_a_rolling_restart_work_with_sentinel(stack, resuming, room):
+    nodes = {name: pid for name, pid in stack.pids().items() if name in NODES + SENTINELS}
+    stack.script("scale", "3")
+    assert stack.states()["worker-02"] == "RUNNING"
+    stack.script("scale", "2")
+    stack.script("rolling-restart", "--quiet", "--drain-seconds", "0")
+    alice, bob = resuming("alice"), resuming("bob")
+    alice.enter(room)
+    bob.enter(room)
+    sent = alice.send_reliably(room, "after scaling and restarting the workers")
+    bob.wait_for("message", lambda got: sent in bob.ids)
+    assert {name: pid for name, pid in stack.pids().items() if name in nodes} == nodes
+
 def test_a_failover_for_maintenance_loses_nothing_and_configure_keeps_the_new_master(stack, chatting, room):
     wait_until(lambda: replicated(stack), timeout=30, what="two replicas following the master")
     before = the_master(stack)
