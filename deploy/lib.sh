@@ -74,6 +74,44 @@ server_stat() {
     $1 == "workers" && $2 == server { print $column[field] }'
 }
 
+# The master name the embedded Sentinels watch (REDIS_TOPOLOGY=sentinel).
+sentinel_service=scalechat
+
+# redis-cli with the password of REDIS_PASSWORD (never on the command line), bounded in time.
+redis_cli() { REDISCLI_AUTH="${redis_password:-${REDIS_PASSWORD:-}}" timeout 5 redis-cli --no-auth-warning "$@"; }
+# redis-cli to a Sentinel, which takes no password.
+sentinel_cli() { env -u REDISCLI_AUTH timeout 5 redis-cli "$@"; }
+
+# read_sentinel_url URL: when URL names a Sentinel set, set `sentinels` (host:port ...),
+# `sentinel_name`, `redis_user` and `redis_password` as the workers read them
+# (flask_app/redis_pool.py); return 1 for a direct URL.
+read_sentinel_url() {
+  local parsed
+  parsed="$("$root/.venv/bin/python" -c '
+import sys
+from flask_app.redis_pool import SentinelURL, parse_url
+target = parse_url(sys.argv[1])
+if isinstance(target, SentinelURL):
+    print(target.service, target.username or "", target.password or "", sep="\n")
+    print(" ".join(f"{host}:{port}" for host, port in target.sentinels))
+' "$1")" || die "REDIS_URL is not a Redis URL scalechat reads (see docs/operations.md)"
+  [ -n "$parsed" ] || return 1
+  { IFS= read -r sentinel_name; IFS= read -r redis_user; IFS= read -r redis_password
+    read -ra sentinels; } <<<"$parsed"
+}
+
+# sentinel_master: print "HOST PORT" of the master, as the first Sentinel that answers names it.
+sentinel_master() {
+  local address answer
+  for address in "${sentinels[@]}"; do
+    answer="$(sentinel_cli -h "${address%:*}" -p "${address##*:}" --raw \
+              SENTINEL get-master-addr-by-name "$sentinel_name" 2>/dev/null)" || continue
+    answer="$(tr '\n' ' ' <<<"$answer")"
+    [[ "$answer" =~ ^[^\ ]+\ [0-9]+\ $ ]] && { echo "${answer% }"; return 0; }
+  done
+  return 1
+}
+
 program_running() { ctl status "$1" 2>/dev/null | grep -q ' RUNNING '; }
 
 worker_name() { printf 'worker-%02d' "$1"; }

@@ -53,14 +53,17 @@ def service_tmp():
 class Stack:
     """The whole stack started by deploy/run from supervisord.conf, under a temp var/."""
 
-    def __init__(self, var, workers=2, open_files=None, as_user=None, **settings):
+    def __init__(self, var, workers=2, open_files=None, as_user=None, topology="single",
+                 **settings):
         self.var = var
         self.env = {key: value for key, value in os.environ.items()
                     if not key.startswith(("SCALECHAT_", "REDIS_", "PROXY_")) and key not in (
                         "WORKERS", "PORT", "SECRET_KEY", "PUBLIC_BIND", "STATS_PORT",
-                        "METRICS_PORT", "PROMETHEUS_MULTIPROC_DIR", "RUN_USER")}
+                        "METRICS_PORT", "PROMETHEUS_MULTIPROC_DIR", "RUN_USER", "SENTINEL_PORT")}
+        redis_port = free_port_run(6)  # with Sentinel: 3 Redis nodes, then 3 Sentinels
         self.env.update(SCALECHAT_VAR=str(var), WORKERS=str(workers), PORT=str(free_port()),
-                        STATS_PORT=str(free_port()), REDIS_PORT=str(free_port()),
+                        STATS_PORT=str(free_port()), REDIS_PORT=str(redis_port),
+                        REDIS_TOPOLOGY=topology, SENTINEL_PORT=str(redis_port + 3),
                         METRICS_PORT=str(free_port()),
                         WORKER_PORT_BASE=str(free_port_run(workers + 1)),
                         SCALECHAT_PRESENCE_TTL="5", SCALECHAT_RATE_LIMIT="200",
