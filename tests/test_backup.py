@@ -1,9 +1,11 @@
 """Backups as operators take them: deploy/backup from the running stack, deploy/restore after a loss."""
 import hashlib
 import io
+import os
 import shutil
 import subprocess
 import tarfile
+from pathlib import Path
 
 import pytest
 import requests
@@ -188,7 +190,7 @@ def test_only_the_newest_backups_are_kept(stack, service_tmp):
     assert sorted(str(path) for path in backups.glob("scalechat-backup-*")) == made[-2:]
     assert (backups / "notes.txt").exists()
     assert f"backup: removed {made[1]} (BACKUP_KEEP=2)" in result.stdout
-    assert "backup: 2 archives in" in result.stdout
+    assert f"backup: archives kept in {backups}: 2 (BACKUP_KEEP=2)" in result.stdout
     assert not list(backups.glob(".partial*"))
 
 
@@ -233,3 +235,35 @@ def test_the_backup_timer_and_service_verify(tmp_path):
     service = (ROOT / "deploy/scalechat-backup.service").read_text()
     assert "\nUser=scalechat\n" in service and "\nExecStart=/opt/scalechat/deploy/backup\n" in service
     assert "\nPersistent=true\n" in (ROOT / "deploy/scalechat-backup.timer").read_text()
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="only root hands the backup directory to another user")
+def test_the_service_user_backs_up_a_stack_started_by_root(stack, service_tmp):
+    """As scalechat-backup.service does: root makes the directory the user's own, the user
+    reads the settings (root's, readable by its group) and writes the archive."""
+    backups = service_tmp / "backups"
+    subprocess.run(["install", "-d", "-m", "0700", "-o", "scalechat", "-g", "scalechat", str(backups)],
+                   check=True)
+    result = subprocess.run(
+        ["setpriv", "--reuid=scalechat", "--regid=scalechat", "--init-groups", "--",
+         str(ROOT / "deploy/backup")], env={**stack.env, "BACKUP_DIR": str(backups)}, cwd=ROOT,
+        capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    archive = Path(written(result))
+    assert archive.parent == backups and archive.owner() == "scalechat"
+    assert stack.script("restore", "--check", str(archive)).returncode == 0
+
+
+def test_with_an_external_redis_the_backup_holds_the_settings_only(service_tmp):
+    stack = Stack(service_tmp / "var", REDIS_URL="redis://:secret@127.0.0.1:1/0")
+    stack.script("configure")
+    result = stack.script("backup")
+    assert "the settings only: Redis is external (redis://127.0.0.1:1/0 is backed up where it runs)" \
+        in result.stdout and "secret" not in result.stdout
+    archive = written(result)
+    assert set(archive_members(archive)) == {"MANIFEST", "SHA256SUMS", "settings/stack.env",
+                                             "settings/redis.conf", "settings/haproxy.cfg"}
+    result = stack.script("restore", "--check", archive)
+    assert "checks: settings only (the stack's Redis was external)" in result.stdout
+    refused = stack.script("restore", "--data-only", archive, check=False)
+    assert refused.returncode == 1 and "holds no Redis data" in refused.stderr
