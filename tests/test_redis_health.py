@@ -233,8 +233,8 @@ def prometheus(stack, service_tmp):
         config = (ROOT / "deploy/prometheus.yml").read_text()
         redis_targets = ", ".join(f'"{target}"' for target in
                                   [f"redis://127.0.0.1:{stack.env['REDIS_PORT']}", *extra_redis_targets])
-        for old, new in [("scrape_interval: 15s", "scrape_interval: 1s"),
-                         ("evaluation_interval: 15s", "evaluation_interval: 1s"),
+        for old, new in [("scrape_interval: 15s", "scrape_interval: 2s"),
+                         ("evaluation_interval: 15s", "evaluation_interval: 2s"),
                          ('"127.0.0.1:9105"', f'"127.0.0.1:{stack.env["METRICS_PORT"]}"'),
                          ('"127.0.0.1:8404"', f'"127.0.0.1:{stack.env["STATS_PORT"]}"'),
                          ('["redis://127.0.0.1:6380"]', f"[{redis_targets}]"),
@@ -306,9 +306,18 @@ def test_prometheus_scrapes_every_node_through_one_exporter(stack, service_tmp, 
                      'redis_connected_slave_lag_seconds{job="scalechat-redis"}'):
             wait_until(lambda: query(url, expr), timeout=30, what=expr)
 
-        def rules_evaluated():
+        # a scrape that times out on a busy host may make an alert pending for a moment: a
+        # healthy stack settles with every rule evaluated and none pending or firing
+        def rules():
             groups = requests.get(url + "/api/v1/rules", timeout=10).json()["data"]["groups"]
-            rules = [rule for group in groups for rule in group["rules"]]
-            return len(rules) > 10 and all(rule["health"] == "ok" for rule in rules) and rules
-        rules = wait_until(rules_evaluated, timeout=30, what="every alert rule evaluated")
-        assert [rule["name"] for rule in rules if rule["state"] != "inactive"] == []
+            return [rule for group in groups for rule in group["rules"]]
+
+        def quiet():
+            evaluated = rules()
+            return len(evaluated) == ALERTS.count("- alert: ") and all(
+                rule["health"] == "ok" and rule["state"] == "inactive" for rule in evaluated)
+        try:
+            wait_until(quiet, timeout=60, what="every alert rule evaluated and inactive")
+        except AssertionError:
+            raise AssertionError([(rule["name"], rule["health"], rule["state"]) for rule in rules()
+                                  if rule["health"] != "ok" or rule["state"] != "inactive"])
