@@ -131,3 +131,12 @@ wait_for() {
     sleep 0.2
   done
 }
+
+# The Redis that deploy/backup copies from, as "HOST PORT" (its password: REDIS_PASSWORD): the
+# embedded Redis. Where there are replicas, this names one whose link to its master is up, so
+# that the backup's fork and copy load a replica and never the master. Fails when the stack's
+# Redis is external (REDIS_URL): that one is backed up where it runs.
+backup_redis() {
+  [ "$SCALECHAT_REDIS_PROCS" = 1 ] || return 1
+  echo "127.0.0.1 $REDIS_PORT"
+}

@@ -64,7 +64,7 @@ class Stack:
         self.env.update(SCALECHAT_VAR=str(var), WORKERS=str(workers), PORT=str(free_port()),
                         STATS_PORT=str(free_port()), REDIS_PORT=str(redis_port),
                         REDIS_TOPOLOGY=topology, SENTINEL_PORT=str(redis_port + 3),
-                        METRICS_PORT=str(free_port()),
+                        METRICS_PORT=str(free_port()), REDIS_EXPORTER_PORT=str(free_port()),
                         WORKER_PORT_BASE=str(free_port_run(workers + 1)),
                         SCALECHAT_PRESENCE_TTL="5", SCALECHAT_RATE_LIMIT="200",
                         SCALECHAT_RATE_BURST="400", **settings)

@@ -41,7 +41,7 @@ def announce(stack, *args, **env):
 
 def test_every_program_of_the_stack_is_running(stack):
     states = stack.states()
-    assert set(states) == {"redis", "haproxy", "metrics", "worker-00", "worker-01"}
+    assert set(states) == {"redis", "redis-exporter", "haproxy", "metrics", "worker-00", "worker-01"}
     assert set(states.values()) == {"RUNNING"}
     status = stack.script("status")
     assert "worker-00 " in status.stdout and "UP" in status.stdout
@@ -51,12 +51,12 @@ def test_every_program_of_the_stack_is_running(stack):
 
 
 def test_every_program_runs_as_an_unprivileged_user_and_still_serves_chat(stack, resuming, room):
-    """Started as root, Redis, HAProxy, the workers and the exporter run as `scalechat`; started
+    """Started as root, Redis, HAProxy, the workers and the exporters run as `scalechat`; started
     by a developer, as that developer."""
     expected = pwd.getpwnam("scalechat").pw_uid if os.getuid() == 0 else os.getuid()
     running_as = {name: {uid for process in with_children(pid) for uid in uids(process)}
                   for name, pid in stack.pids().items()}
-    assert set(running_as) == {"redis", "haproxy", "metrics", "worker-00", "worker-01"}
+    assert set(running_as) == {"redis", "redis-exporter", "haproxy", "metrics", "worker-00", "worker-01"}
     assert all(found == {expected} for found in running_as.values()), running_as
     assert expected != 0
     alice, bob = resuming("alice"), resuming("bob")
