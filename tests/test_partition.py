@@ -239,10 +239,11 @@ def test_a_master_cut_off_acknowledges_nothing_the_majority_loses(three_hosts, p
             wait_until(lambda: redis_set.settled() and redis_set.master_named() == new
                        and old.replication()["role"] == "slave", timeout=30,
                        what="Sentinel to make the old master a replica of the new one")
+            demoted = time.monotonic()
             wait_until(lambda: any(t > restored and answer == "ok"
                                    for t, _, answer, _ in log_a.answers), timeout=30,
                        what="A's worker to acknowledge again")
-            healed = time.monotonic()
+            healed = min(t for t, _, answer, _ in log_a.answers if t > restored and answer == "ok")
             after = len(conversation.acked)
             wait_until(lambda: len(conversation.acked) >= after + CLIENTS, timeout=30,
                        what="the conversation to go on after A is back")
@@ -266,14 +267,18 @@ def test_a_master_cut_off_acknowledges_nothing_the_majority_loses(three_hosts, p
         assert all(set(ids) <= alone["conversation"] for ids in moved.values()), \
             "a client of A saw a message that A did not store alone"
 
-        kinds = {}
-        for t, _, answer, _ in during:
-            kinds.setdefault(answer, []).append(t)
+        def tally(answers, since):
+            kinds = {}
+            for t, _, answer, _ in answers:
+                kinds.setdefault(answer, []).append(t - since)
+            return ", ".join(f"{len(ts)} x {answer} ({min(ts):.1f} – {max(ts):.1f} s)"
+                             for answer, ts in kinds.items())
         print(f"\npartition of {restored - cut:.1f} s: promoted after {promoted - cut:.1f} s, "
-              f"old master refusing writes after {fenced - cut:.1f} s, A's worker acknowledging "
-              f"again {healed - restored:.1f} s after the link came back; A's worker answered "
-              + ", ".join(f"{len(ts)} x {answer} ({min(ts) - cut:.1f} – {max(ts) - cut:.1f} s "
-                          f"after the cut)" for answer, ts in kinds.items())
+              f"old master refusing writes after {fenced - cut:.1f} s; after the link came back, "
+              f"A's worker acknowledging again after {healed - restored:.1f} s, the old master a "
+              f"replica in sync after {demoted - restored:.1f} s; A's worker answered "
+              f"after the cut: {tally(during, cut)}; after the link came back: "
+              f"{tally(log_a.between(restored, healed), restored)}"
               + f"; /readyz of A during the partition: {ready_a.status_code} "
               f"{ready_a.json().get('reason', '')[:60]}; A's master stored "
               f"{len(alone['conversation'])} conversation and {len(alone['log'])} log messages "
