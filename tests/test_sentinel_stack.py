@@ -10,6 +10,7 @@ import uuid
 
 import pytest
 import redis
+import requests
 
 from conftest import ROOT, wait_until
 from deployment import ResumingClient, Stack, running, service_dir, stream_ids
@@ -144,8 +145,13 @@ def through(stack, room, clients, fault):
 
 def test_every_node_and_sentinel_runs_as_the_service_user(stack):
     states = stack.states()
-    assert set(states) == {*NODES, *SENTINELS, "haproxy", "metrics", "worker-00", "worker-01"}
+    assert set(states) == {*NODES, *SENTINELS, "haproxy", "metrics", "redis-exporter",
+                           "worker-00", "worker-01"}
     assert set(states.values()) == {"RUNNING"}
+    exporter = f"http://127.0.0.1:{stack.env['REDIS_EXPORTER_PORT']}/scrape"
+    for n in range(3):  # Prometheus reaches every node through the one exporter
+        target = f"redis://127.0.0.1:{int(stack.env['REDIS_PORT']) + n}"
+        assert "\nredis_up 1\n" in requests.get(exporter, params={"target": target}, timeout=10).text
     expected = pwd.getpwnam("scalechat").pw_uid if os.getuid() == 0 else os.getuid()
     for name, pid in stack.pids().items():
         assert {uid for process in with_children(pid) for uid in uids(process)} == {expected}, name
