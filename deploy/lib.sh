@@ -132,11 +132,39 @@ wait_for() {
   done
 }
 
+# sentinel_replica: print "HOST PORT" of a replica whose link to its master is up, as the first
+# Sentinel that answers lists them.
+sentinel_replica() {
+  local address key value ip="" port="" flags="" link=""
+  for address in "${sentinels[@]}"; do
+    while IFS= read -r key && IFS= read -r value; do
+      case "$key" in
+        name) ip="" port="" flags="" link="" ;;
+        ip) ip="$value" ;;
+        port) port="$value" ;;
+        flags) flags="$value" ;;
+        master-link-status) link="$value" ;;
+      esac
+      if [ -n "$ip" ] && [ -n "$port" ] && [ "$flags" = slave ] && [ "$link" = ok ]; then
+        echo "$ip $port"
+        return 0
+      fi
+    done < <(sentinel_cli -h "${address%:*}" -p "${address##*:}" --raw \
+               SENTINEL replicas "$sentinel_name" 2>/dev/null)
+  done
+  return 1
+}
+
 # The Redis that deploy/backup copies from, as "HOST PORT" (its password: REDIS_PASSWORD): the
-# embedded Redis. Where there are replicas, this names one whose link to its master is up, so
-# that the backup's fork and copy load a replica and never the master. Fails when the stack's
+# embedded Redis; with Sentinel, a replica whose link to its master is up (so that the backup's
+# fork and copy load a replica and never the master), else the master. Fails when the stack's
 # Redis is external (REDIS_URL): that one is backed up where it runs.
 backup_redis() {
-  [ "$SCALECHAT_REDIS_PROCS" = 1 ] || return 1
-  echo "127.0.0.1 $REDIS_PORT"
+  if [ "$SCALECHAT_REDIS_PROCS" = 1 ]; then
+    echo "127.0.0.1 $REDIS_PORT"
+  elif [ -z "$EXTERNAL_REDIS_URL" ] && read_sentinel_url "$REDIS_URL"; then
+    sentinel_replica || sentinel_master
+  else
+    return 1
+  fi
 }

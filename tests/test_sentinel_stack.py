@@ -2,6 +2,7 @@
 the same supervisord, a failover by hand, a killed master and a restart, with chat going on."""
 import os
 import pwd
+import shutil
 import signal
 import subprocess
 import threading
@@ -267,6 +268,25 @@ def test_a_restart_keeps_the_master_the_sentinels_chose_and_the_history(stack, r
     stack.script("run")
     assert masters(stack) == [master] * 3
     wait_until(lambda: replicated(stack), timeout=60, what="two replicas following the master")
+    assert stream_ids(stack, room) == sent
+
+
+def test_a_backup_taken_from_a_replica_restores_onto_the_master(stack, resuming, room):
+    wait_until(lambda: replicated(stack), timeout=60, what="two replicas following the master")
+    writer = resuming("writer")
+    writer.enter(room)
+    sent = [writer.send_reliably(room, f"to keep {n}") for n in range(3)]
+    writer.close()
+    backup = stack.script("backup")
+    assert "(slave)" in backup.stdout  # the replica forked and sent the snapshot, not the master
+    archive = next(line.split()[2] for line in backup.stdout.splitlines()
+                   if line.startswith("backup: wrote "))
+    stack.script("stop")
+    shutil.rmtree(stack.var / "redis")  # every node's data is lost
+    restored = stack.script("restore", archive)
+    assert "restore: restored " in restored.stdout
+    stack.script("run")
+    wait_until(lambda: replicated(stack), timeout=60, what="the replicas to copy the restored master")
     assert stream_ids(stack, room) == sent
 
 
