@@ -222,6 +222,32 @@ class ResumingClient(ChatClient):
         raise AssertionError(f"{self.name}: message never acknowledged")
 
 
+@contextlib.contextmanager
+def clients_in(stack, room, count):
+    """`count` resuming clients in `room`, on both workers; closed afterwards."""
+    clients = [ResumingClient(f"c{n:02d}", stack).start() for n in range(count)]
+    try:
+        for client in clients:
+            client.enter(room)
+        assert {c.workers_seen[0] for c in clients} == {"worker-00", "worker-01"}
+        yield clients
+    finally:
+        for client in clients:
+            client.close()
+
+
+def check_clients_hear_each_other(resuming, room):
+    """Four clients land on both workers through the proxy, and each gets everyone's message."""
+    clients = [resuming(f"ws{n}") for n in range(4)]
+    for client in clients:
+        client.enter(room)
+    assert {c.workers_seen[0] for c in clients} == {"worker-00", "worker-01"}
+    sent = [client.send_reliably(room, f"from {client.name}") for client in clients]
+    for client in clients:
+        client.wait_for("message", lambda got: len(client.ids) >= 4)
+        assert client.ids == sent
+
+
 @pytest.fixture
 def resuming(stack):
     made = []

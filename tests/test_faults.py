@@ -9,7 +9,7 @@ import time
 import pytest
 
 from conftest import wait_until
-from deployment import ResumingClient, stream_ids
+from deployment import clients_in, stream_ids
 
 CLIENTS = 50
 SEND_EVERY = 1.0  # seconds between one client's messages: 50 messages/s in the room
@@ -49,13 +49,8 @@ class Conversation:
 
 @pytest.fixture
 def busy_room(stack, room):
-    clients = [ResumingClient(f"c{n:02d}", stack).start() for n in range(CLIENTS)]
-    for client in clients:
-        client.enter(room)
-    assert {c.workers_seen[0] for c in clients} == {"worker-00", "worker-01"}
-    yield clients
-    for client in clients:
-        client.close()
+    with clients_in(stack, room, CLIENTS) as clients:
+        yield clients
 
 
 def check_everyone_has_the_stream(stack, room, clients, conversation):

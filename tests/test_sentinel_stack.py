@@ -14,7 +14,8 @@ import redis
 import requests
 
 from conftest import ROOT, wait_until
-from deployment import ResumingClient, Stack, running, service_dir, stream_ids
+from deployment import (ResumingClient, Stack, check_clients_hear_each_other, clients_in, running,
+                        service_dir, stream_ids)
 from test_faults import Conversation, check_everyone_has_the_stream
 from test_stack import uids, with_children
 
@@ -120,13 +121,8 @@ class Probe:
 
 @pytest.fixture
 def chatting(stack, room):
-    clients = [ResumingClient(f"c{n:02d}", stack).start() for n in range(CLIENTS)]
-    for client in clients:
-        client.enter(room)
-    assert {c.workers_seen[0] for c in clients} == {"worker-00", "worker-01"}
-    yield clients
-    for client in clients:
-        client.close()
+    with clients_in(stack, room, CLIENTS) as clients:
+        yield clients
 
 
 def through(stack, room, clients, fault):
@@ -192,14 +188,7 @@ def test_status_shows_the_master_its_replicas_and_what_each_sentinel_believes(st
 
 
 def test_chat_goes_through_the_proxy_to_both_workers(stack, resuming, room):
-    clients = [resuming(f"ws{n}") for n in range(4)]
-    for client in clients:
-        client.enter(room)
-    assert {c.workers_seen[0] for c in clients} == {"worker-00", "worker-01"}
-    sent = [client.send_reliably(room, f"from {client.name}") for client in clients]
-    for client in clients:
-        client.wait_for("message", lambda got: len(client.ids) >= 4)
-        assert client.ids == sent
+    check_clients_hear_each_other(resuming, room)
 
 
 def test_scaling_and_a_rolling_restart_work_with_sentinel(stack, resuming, room):

@@ -12,7 +12,7 @@ import redis
 import requests
 
 from conftest import ROOT, RedisServer, wait_until
-from deployment import Stack, stream_ids
+from deployment import Stack, check_clients_hear_each_other, stream_ids
 
 
 def uids(pid):
@@ -156,14 +156,7 @@ def test_polling_without_the_cookie_reaches_a_worker_that_does_not_know_the_sess
 
 
 def test_websocket_clients_spread_over_workers_and_hear_each_other(stack, resuming, room):
-    clients = [resuming(f"ws{n}") for n in range(4)]
-    for client in clients:
-        client.enter(room)
-    assert {c.workers_seen[0] for c in clients} == {"worker-00", "worker-01"}
-    sent = [client.send_reliably(room, f"from {client.name}") for client in clients]
-    for client in clients:
-        client.wait_for("message", lambda got: len(client.ids) >= 4)
-        assert client.ids == sent
+    check_clients_hear_each_other(resuming, room)
 
 
 def test_a_killed_worker_is_restarted_and_its_clients_keep_chatting(stack, resuming, room):
