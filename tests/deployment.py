@@ -84,8 +84,14 @@ class Stack:
         result = subprocess.run(command, env=self.env, cwd=ROOT, capture_output=True, text=True,
                                 timeout=timeout, preexec_fn=limit or None)
         if check:
-            assert result.returncode == 0, f"deploy/{name}: {result.stdout}\n{result.stderr}"
+            assert result.returncode == 0, \
+                f"deploy/{name}: {result.stdout}\n{result.stderr}\n{self.program_logs()}"
         return result
+
+    def program_logs(self, lines=5):
+        """The last lines of each program's log: why a program exited too quickly."""
+        return "\n".join(f"{log.name}: ...{' | '.join(log.read_text(errors='replace').splitlines()[-lines:])}"
+                         for log in sorted((self.var / "log").glob("*.log")))
 
     def ctl(self, *args):
         return subprocess.run(
