@@ -22,7 +22,7 @@ from test_stack import uids, with_children
 SERVICE = "scalechat"
 NODES = [f"redis-{n}" for n in range(3)]
 SENTINELS = [f"sentinel-{n}" for n in range(3)]
-CLIENTS = 20
+CLIENTS = 30
 
 
 @pytest.fixture(scope="module")
@@ -241,6 +241,23 @@ def test_a_master_killed_with_sigkill_comes_back_and_nothing_is_lost(stack, chat
         wait_until(lambda: replicated(stack), timeout=60, what="the nodes to replicate again")
     probe = through(stack, room, chatting, kill_9)
     print(f"\nkill -9 of {victim}: master now {the_master(stack)}, sends refused for "
+          f"{probe.refused_for():.1f} s ({len(probe.refusals)} refusals)")
+
+
+def test_a_master_lost_for_good_is_replaced_by_a_replica_and_nothing_is_lost(stack, chatting, room):
+    wait_until(lambda: replicated(stack), timeout=60, what="two replicas following the master")
+    victim = the_master(stack)
+    old_pid = stack.pids()[victim]
+
+    def lose_the_master():
+        os.kill(old_pid, signal.SIGKILL)
+        stack.ctl("stop", victim)  # its host is gone: supervisord must not bring it back
+        wait_until(lambda: len(set(named := masters(stack))) == 1 and named[0] != victim,
+                   timeout=60, what="every Sentinel to name a promoted replica")
+        stack.ctl("start", victim)  # the host returns: Sentinel makes it a replica
+        wait_until(lambda: replicated(stack), timeout=90, what="the nodes to replicate again")
+    probe = through(stack, room, chatting, lose_the_master)
+    print(f"\n{victim} lost: master now {the_master(stack)}, sends refused for "
           f"{probe.refused_for():.1f} s ({len(probe.refusals)} refusals)")
 
 
