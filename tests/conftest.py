@@ -23,10 +23,23 @@ BIN = Path(sys.executable).parent
 SECRET_KEY = "test-secret-key"
 
 
+HANDED_OUT = set()  # every port free_port has given in this run
+
+
 def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A port nothing listens on, never given before in this run.
+
+    The kernel may answer two binds to port 0 in a row with the same port when nothing holds
+    the first yet: two servers of one test (a Sentinel and its master, HAProxy's two
+    listeners) then collide.
+    """
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        if port not in HANDED_OUT:
+            HANDED_OUT.add(port)
+            return port
 
 
 def wait_until(predicate, timeout=10.0, what="condition"):

@@ -13,14 +13,17 @@ from pathlib import Path
 import pytest
 import requests
 
-from conftest import ROOT, ChatClient, InOrderClient, free_port
+from conftest import HANDED_OUT, ROOT, ChatClient, InOrderClient, free_port
 
 
 def free_port_run(count):
-    """Return the first of `count` consecutive free ports."""
+    """Return the first of `count` consecutive free ports, none given before in this run."""
     while True:
         base = free_port()
-        if base + count < 65000 and all(port_is_free(base + n) for n in range(count)):
+        run = range(base, base + count)
+        if base + count < 65000 and all(port == base or port not in HANDED_OUT for port in run) \
+                and all(port_is_free(port) for port in run):
+            HANDED_OUT.update(run)
             return base
 
 
