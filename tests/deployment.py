@@ -126,13 +126,16 @@ class Stack:
 
 @contextlib.contextmanager
 def running(stack):
-    """Start `stack`, and stop it after, checking that none of its processes is left."""
-    stack.script("run")
-    pids = stack.pids()
+    """Start `stack`, and stop it after, even when it did not start, checking that none of its
+    processes is left."""
+    pids = {}
     try:
+        stack.script("run")
+        pids = stack.pids()
         yield stack
     finally:
-        stack.script("stop")
+        stopped = stack.script("stop", check=False)
+    assert stopped.returncode == 0, f"deploy/stop: {stopped.stdout}\n{stopped.stderr}"
     alive = [pid for pid in pids.values() if os.path.exists(f"/proc/{pid}")]
     assert not alive, f"processes left after deploy/stop: {alive}"
 
