@@ -92,12 +92,7 @@ def run_through(chat, room, fault):
     with RefusalClock(workers[0], clock_room) as clock1, \
             RefusalClock(workers[1], clock_room) as clock2, \
             Conversation(clients, room) as conversation:
-        wait_until(lambda: len(conversation.acked) >= 2 * CLIENTS, timeout=60,
-                   what="the conversation to be under way")
-        fault(sentinels)
-        after = len(conversation.acked)
-        wait_until(lambda: len(conversation.acked) >= after + 2 * CLIENTS, timeout=90,
-                   what="the conversation to go on after the fault")
+        conversation.around(lambda: fault(sentinels))
         for worker in workers:
             wait_until(lambda: requests.get(worker.url + "/readyz", timeout=5).ok, timeout=30,
                        what=f"{worker.worker_id} ready")

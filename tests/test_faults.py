@@ -41,6 +41,15 @@ class Conversation:
             n += 1
             time.sleep(SEND_EVERY)
 
+    def around(self, fault):
+        """Run `fault` once two messages a client are acknowledged; return when two more are."""
+        wait_until(lambda: len(self.acked) >= 2 * len(self.clients), timeout=60,
+                   what="the conversation to be under way")
+        fault()
+        after = len(self.acked)
+        wait_until(lambda: len(self.acked) >= after + 2 * len(self.clients), timeout=90,
+                   what="the conversation to go on after the fault")
+
     def __exit__(self, *exc):
         self.running.clear()
         for thread in self.threads:
@@ -66,12 +75,7 @@ def check_everyone_has_the_stream(stack, room, clients, conversation):
 
 def run_fault(stack, room, clients, fault):
     with Conversation(clients, room) as conversation:
-        wait_until(lambda: len(conversation.acked) >= 2 * CLIENTS, timeout=60,
-                   what="the conversation to be under way")
-        fault()
-        after = len(conversation.acked)
-        wait_until(lambda: len(conversation.acked) >= after + 2 * CLIENTS, timeout=90,
-                   what="the conversation to go on after the fault")
+        conversation.around(fault)
     count = check_everyone_has_the_stream(stack, room, clients, conversation)
     assert count >= CLIENTS * 3
     print(f"\n{fault.__name__}: {count} messages, {count * len(clients)} deliveries, "

@@ -129,12 +129,7 @@ def through(stack, room, clients, fault):
     """Chat in `room` while `fault` runs; every acknowledged message is in the stream once and
     every client holds exactly the stream. Return what the probe saw."""
     with Probe(stack, room) as probe, Conversation(clients, room) as conversation:
-        wait_until(lambda: len(conversation.acked) >= 2 * CLIENTS, timeout=60,
-                   what="the conversation to be under way")
-        fault()
-        after = len(conversation.acked)
-        wait_until(lambda: len(conversation.acked) >= after + 2 * CLIENTS, timeout=90,
-                   what="the conversation to go on after the fault")
+        conversation.around(fault)
     conversation.acked += probe.sent
     check_everyone_has_the_stream(stack, room, clients, conversation)
     return probe
