@@ -84,7 +84,7 @@ sentinel_cli() { env -u REDISCLI_AUTH timeout 5 redis-cli "$@"; }
 
 # read_sentinel_url URL: when URL names a Sentinel set, set `sentinels` (host:port ...),
 # `sentinel_name`, `redis_user` and `redis_password` as the workers read them
-# (flask_app/redis_pool.py); return 1 for a direct URL.
+# (flask_app/redis/urls.py); return 1 for a direct URL.
 read_sentinel_url() {
   local parsed
   parsed="$("$root/.venv/bin/python" -c '

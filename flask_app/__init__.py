@@ -4,9 +4,9 @@ from flask import Flask
 
 from . import admin, api, auth, health, jsonio, pages
 from .config import Config
-from .engine import ChatPacket, ChatServer
+from .wire.engine import ChatPacket, ChatServer
 from .events import ChatNamespace
-from .manager import ChatRedisManager
+from .redis.manager import ChatRedisManager
 from .services import Services
 
 

@@ -29,8 +29,8 @@ import socketio
 from flask import Flask, Response, abort, send_from_directory
 from socketio.admin import HOSTNAME, PID, InstrumentedServer
 
-from .engine import ChatServer, ChatSocket, EngineServer
-from .manager import ChatRedisManager
+from .wire.engine import ChatServer, ChatSocket, EngineServer
+from .redis.manager import ChatRedisManager
 
 log = logging.getLogger(__name__)
 NAMESPACE = "/admin"

@@ -7,8 +7,8 @@ from pathlib import Path
 
 from . import admin, metrics
 from .config import PROJECT_ROOT, Config, ConfigError
-from .manager import PooledRedisManager
-from .redis_pool import shown
+from .redis.manager import PooledRedisManager
+from .redis.urls import shown
 from .validation import ValidationError, room as valid_room
 
 # deploy/configure's first line of var/stack.env (deploy/lib.sh reads the same format)

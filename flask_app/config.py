@@ -12,7 +12,7 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from . import redis_pool
+from .redis import urls
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_SECRET_KEY = "dev-insecure-secret-key"
@@ -143,7 +143,7 @@ class Config:
     def __post_init__(self):
         if self.min_replicas is None:
             object.__setattr__(self, "min_replicas",
-                               1 if self.redis_url.startswith(redis_pool.SENTINEL_SCHEMES) else 0)
+                               1 if self.redis_url.startswith(urls.SENTINEL_SCHEMES) else 0)
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
             if field.type not in (int, float):
@@ -155,7 +155,7 @@ class Config:
                 raise ConfigError(
                     f"{field.metadata['env']} must be a positive number, got {value!r}")
         try:
-            redis_pool.parse_url(self.redis_url)
+            urls.parse_url(self.redis_url)
         except ValueError as exc:
             raise ConfigError(f"REDIS_URL {exc}") from None
         if self.env not in ("development", "production", "test"):

@@ -9,7 +9,7 @@ from .config import Config
 from .keys import Keys
 from .metrics import WorkerMetrics
 from .presence import Presence
-from .redis_pool import redis_client
+from .redis import redis_client
 from .store import MessageStore
 
 

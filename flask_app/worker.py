@@ -9,8 +9,8 @@ from gevent.event import Event
 from gevent.pywsgi import WSGIServer
 
 from . import logs, metrics
-from .handler import ChatHandler
-from .runners import Runners
+from .wire.handler import ChatHandler
+from .wire.runners import Runners
 
 log = logging.getLogger("scalechat.worker")
 

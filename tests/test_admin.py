@@ -206,8 +206,8 @@ def test_the_uis_origin_may_open_the_admin_namespace_only(admin_workers, clients
 
 def test_without_the_admin_ui_the_chat_runs_on_its_own_classes(redis_server):
     from flask_app import create_app
-    from flask_app.engine import ChatServer, ChatSocket
-    from flask_app.manager import ChatRedisManager
+    from flask_app.wire.engine import ChatServer, ChatSocket
+    from flask_app.redis.manager import ChatRedisManager
     sio = create_app({"redis_url": redis_server.url}).extensions["socketio"]
     assert type(sio) is ChatServer and type(sio.manager) is ChatRedisManager
     assert type(sio.eio).socket_class is ChatSocket

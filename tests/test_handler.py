@@ -8,7 +8,7 @@ from gevent.pywsgi import WSGIServer, headers_factory
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flask_app.handler import MAX_HEADERS, MAX_LINE, ONE_SEND_MAX, ChatHandler, read_headers
+from flask_app.wire.handler import MAX_HEADERS, MAX_LINE, ONE_SEND_MAX, ChatHandler, read_headers
 
 # lines made of what matters to a header parser, and lines of the usual form
 odd_lines = st.text(alphabet="Ab-: \t\r\n\x0b\x0c\x85\xffFrom", max_size=12)

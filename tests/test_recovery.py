@@ -12,7 +12,7 @@ import websocket
 
 from conftest import BIN, RedisServer, free_port, wait_until
 from flask_app.keys import Keys
-from flask_app.redis_pool import blocking_pool
+from flask_app.redis.pool import blocking_pool
 
 CROWD = 400  # clients of one worker dropped at once: more than a Redis pool's 100
 

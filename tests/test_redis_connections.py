@@ -10,7 +10,9 @@ from socketio.redis_manager import parse_redis_sentinel_url
 
 from conftest import BIN, RedisServer, wait_until
 from flask_app.config import Config, ConfigError
-from flask_app.redis_pool import COMMAND_TIMEOUT, POOL_TIMEOUT, SentinelURL, parse_url, redis_client
+from flask_app.redis import redis_client
+from flask_app.redis.pool import COMMAND_TIMEOUT, POOL_TIMEOUT
+from flask_app.redis.urls import SentinelURL, parse_url
 from sentinel import sentinel_set  # noqa: F401 (a fixture)
 
 

@@ -10,7 +10,7 @@ import socketio
 import websocket
 
 from conftest import SECRET_KEY, ChatClient
-from flask_app.engine import EngineServer
+from flask_app.wire.engine import EngineServer
 
 
 def refused(worker, **connect_kwargs):

@@ -11,7 +11,7 @@ import gevent.lock
 import pytest
 from gevent.event import Event
 
-from flask_app.runners import Runners
+from flask_app.wire.runners import Runners
 
 user = contextvars.ContextVar("user", default=None)
 

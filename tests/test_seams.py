@@ -25,7 +25,8 @@ from redis._parsers import _HiredisParser
 from wsproto.frame_protocol import CloseReason, FrameProtocol, Opcode, ParseFailed
 
 from conftest import RedisServer, wait_until
-from flask_app.redis_pool import BlockingPool, SentinelPool
+from flask_app.redis.pool import BlockingPool
+from flask_app.redis.sentinel import SentinelPool
 
 
 def params(function):
@@ -241,10 +242,10 @@ def test_socketio_listens_in_the_task_it_keeps_as_thread():
     assert listened_in == [manager.thread]
 
 
-# --- redis-py: redis_pool.Parser, BlockingPool, SentinelPool; the listener's read -------------
+# --- redis-py: pool.Parser, pool.BlockingPool, sentinel.SentinelPool; the listener's read -------------
 
 def test_hiredis_parser_keeps_the_socket_and_reader_that_parser_polls(redis_server):
-    """redis_pool.Parser polls `_sock` itself unless `_reader.has_data()`."""
+    """pool.Parser polls `_sock` itself unless `_reader.has_data()`."""
     assert params(_HiredisParser.can_read) == ["self", "timeout"]
     conn = redis.Connection(port=redis.Redis.from_url(redis_server.url).connection_pool
                             .connection_kwargs["port"], parser_class=_HiredisParser)
@@ -259,14 +260,14 @@ def test_hiredis_parser_keeps_the_socket_and_reader_that_parser_polls(redis_serv
 
 
 def test_blocking_pool_get_connection_unwraps_to_the_pool_method():
-    """redis_pool.BlockingPool takes get_connection without its deprecation decorator."""
+    """pool.BlockingPool takes get_connection without its deprecation decorator."""
     undecorated = inspect.unwrap(redis.BlockingConnectionPool.get_connection)
     assert BlockingPool.get_connection is undecorated
     assert params(undecorated)[0] == "self"
 
 
 def test_sentinel_pool_takes_draws_and_queue_from_the_blocking_pool():
-    """redis_pool.SentinelPool mixes SentinelConnectionPool into BlockingPool."""
+    """sentinel.SentinelPool mixes SentinelConnectionPool into BlockingPool."""
     for method in ("get_connection", "release", "make_connection", "disconnect"):
         assert method not in vars(redis.sentinel.SentinelConnectionPool), method
     sentinel = redis.sentinel.Sentinel([("127.0.0.1", 1)])
@@ -306,7 +307,7 @@ class NamedMaster(redis.sentinel.Sentinel):
 
 
 def test_sentinel_pool_moves_idle_connections_when_the_master_changes(redis_server, tmp_path):
-    """redis_pool.MasterWatch.follow sets `proxy.master_address` and disconnects idle
+    """sentinel.MasterWatch.follow sets `proxy.master_address` and disconnects idle
     connections, as get_master_address does; the pool drops a busy one to another host."""
     port = int(redis_server.url.rsplit(":", 1)[1].split("/")[0])
     sentinel = NamedMaster(("127.0.0.1", port))
@@ -324,7 +325,7 @@ def test_sentinel_pool_moves_idle_connections_when_the_master_changes(redis_serv
 
 
 def test_sentinel_client_asks_check_master_state_of_every_answer():
-    """redis_pool.FollowingSentinel refuses states whose `flags` say a failover is under way."""
+    """sentinel.FollowingSentinel refuses states whose `flags` say a failover is under way."""
     assert params(redis.sentinel.Sentinel.check_master_state) == ["self", "state", "service_name"]
     source = inspect.getsource(redis.sentinel.Sentinel.discover_master)
     assert "self.check_master_state(state, service_name)" in source
@@ -359,7 +360,7 @@ def _answers(url):
 
 
 def test_pubsub_listen_outlives_the_socket_timeout(redis_server):
-    """redis_pool gives the listener's connection a 5 s timeout that its idle read ignores."""
+    """pool.pool_policy gives the listener's connection a 5 s timeout that its idle read ignores."""
     client = redis.Redis.from_url(redis_server.url, socket_timeout=0.2, client_name="seams-idle")
     pubsub = client.pubsub(ignore_subscribe_messages=True)
     pubsub.subscribe("seams-idle")

@@ -20,7 +20,7 @@ from geventwebsocket.websocket import Header
 from wsproto.frame_protocol import CloseReason, FrameProtocol, Opcode
 
 from conftest import wait_until
-from flask_app.transport import (BUSY_FLUSHES, BUSY_WINDOW, Connection, frame,
+from flask_app.wire.transport import (BUSY_FLUSHES, BUSY_WINDOW, Connection, frame,
                                  plain_text_frames, take_socket)
 
 
@@ -402,7 +402,7 @@ def test_a_client_that_stops_reading_is_dropped_and_the_room_goes_on(worker_fact
 
 
 def test_pings_keep_their_interval_when_every_pong_comes_at_once():
-    from flask_app.engine import ChatSocket, EngineServer
+    from flask_app.wire.engine import ChatSocket, EngineServer
     server = EngineServer(max_send_buffer=1 << 20, async_mode="gevent", ping_interval=0.1)
     eio_socket = ChatSocket(server, "sid")
     pings = []

@@ -75,7 +75,7 @@ def test_bad_settings_name_their_variable(env, variable):
 def test_chat_packets_find_binary_data_as_python_socketio_does(data):
     from socketio.packet import EVENT, Packet
 
-    from flask_app.engine import ChatPacket
+    from flask_app.wire.engine import ChatPacket
     ours, theirs = ChatPacket(EVENT, data=data), Packet(EVENT, data=data)
     assert ours.packet_type == theirs.packet_type and ours.attachment_count == theirs.attachment_count
     assert ours.encode() == theirs.encode()

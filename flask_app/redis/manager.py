@@ -22,8 +22,9 @@ import gevent.event
 import gevent.lock
 import socketio
 
-from .redis_pool import SentinelPool, redis_client
-from .store import STORE_HOST_ID, id_order
+from ..store import STORE_HOST_ID, id_order
+from . import redis_client
+from .sentinel import SentinelPool
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ LISTEN_RETRY_FIRST, LISTEN_RETRY_MAX = 0.5, 5.0
 
 
 class PooledRedisManager(socketio.RedisManager):
-    """python-socketio's RedisManager on a client from redis_pool: any REDIS_URL, one policy.
+    """python-socketio's RedisManager on a client from redis_client: any REDIS_URL, one policy.
 
     python-socketio's own client has redis-py's default pool, which refuses the 101st
     concurrent publish (a mass disconnect announcing its leaves), and none of our timeouts.
