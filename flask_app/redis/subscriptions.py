@@ -24,6 +24,7 @@ import time
 import gevent
 import gevent.event
 import redis
+import redis.client
 
 from .pool import COMMAND_TIMEOUT
 
@@ -33,6 +34,19 @@ UNSUBSCRIBE_GRACE = 2.0  # seconds a room without members here stays subscribed
 PROBE_EVERY = 2.0
 PROBE_LIMIT = 5.0
 RETRY_FIRST, RETRY_MAX = 0.5, 5.0  # seconds between attempts to subscribe again
+
+
+class ListenerPubSub(redis.client.PubSub):
+    """redis-py's PubSub, not subscribing again by itself when its connection reconnects.
+
+    redis-py reconnects a pub/sub connection that failed, and subscribes it again to every
+    shard channel in one SSUBSCRIBE, which a cluster node refuses (CROSSSLOT) when they span
+    slots; the error comes after it anyway. The Listener subscribes again itself, one channel
+    a command, on the node the slot map names.
+    """
+
+    def on_connect(self, connection):
+        pass
 
 
 class Listener:
@@ -143,7 +157,7 @@ class Listener:
                 self.subscriptions.lost(self)
 
     def _subscribe(self):
-        self.pubsub = pubsub = self.client.pubsub()
+        self.pubsub = pubsub = ListenerPubSub(self.client.connection_pool)
         pubsub.ssubscribe(self.probe_channel)
         if self.global_channel is not None:
             pubsub.subscribe(self.global_channel)
@@ -249,7 +263,7 @@ class Subscriptions:
         try:
             self.redis.nodes_manager.initialize()
             self._place_listeners()
-        except redis.RedisError as exc:
+        except (redis.RedisError, redis.exceptions.RedisClusterException) as exc:
             log.warning("cannot read the cluster's slot map yet: %s", exc)
         finally:
             self.rebalancing = None
