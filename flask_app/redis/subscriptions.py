@@ -4,7 +4,9 @@ Each room has a shard channel in its stream's slot (keys.room_channel). A worker
 it (SSUBSCRIBE) while the room has members here, and drops it UNSUBSCRIBE_GRACE seconds after
 the last one left. A Listener, one pub/sub connection to one Redis node, holds the channels of
 the rooms that node serves: one listener with a single Redis or Sentinel, one per master with a
-cluster, so a node that fails stalls only its own rooms. Traffic for every worker (python-
+cluster, so a node that fails stalls only its own rooms (redis-py's ClusterPubSub reads its
+nodes in turn from one loop, each read with a timeout: one node that does not answer delays
+every other node's messages). Traffic for every worker (python-
 socketio's control messages, announcements to all, emitters outside the workers) stays on the
 classic channel, which one listener subscribes to.
 
@@ -235,17 +237,10 @@ class Subscriptions:
             raise redis.TimeoutError(f"Redis did not confirm the subscription to {room} "
                                      f"within {COMMAND_TIMEOUT} s")
 
-    def held(self):
-        return set(self.rooms)
-
     def listening(self):
         """Whether every listener hears its probe."""
         return bool(self.listeners) and all(
             listener.listening() for listener in self.listeners.values())
-
-    def publish_to_all(self, data):
-        """Publish on the classic channel, where every worker listens; return how many heard."""
-        return publish_to_all(self.redis, self.channel, data)
 
     def received(self, data):
         self.manager.received(data)
