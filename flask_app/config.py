@@ -64,6 +64,9 @@ class Config:
         default=50, metadata={"env": "SCALECHAT_HISTORY_ON_JOIN"})
     history_max_limit: int = dataclasses.field(
         default=200, metadata={"env": "SCALECHAT_HISTORY_MAX_LIMIT"})
+    # Users a join answers, and at most per `members` page: a join costs the same in any room.
+    members_page: int = dataclasses.field(
+        default=100, metadata={"env": "SCALECHAT_MEMBERS_PAGE"})
     dedup_ttl: int = dataclasses.field(
         default=86400, metadata={"env": "SCALECHAT_DEDUP_TTL"})
     # Replicas that must have a message before its sender gets `ok`; by default 1 when REDIS_URL

@@ -116,7 +116,7 @@ class ChatNamespace(socketio.Namespace):
         try:
             pipe = self.services.redis.pipeline(transaction=False)  # one round trip for a join
             read_history = self.store.join_history(pipe, room, since)
-            read_presence = self.presence.join(pipe, sid, room)
+            read_presence = self.presence.join(pipe, sid, room, self.config.members_page)
             self.store.touch_room(pipe, room, time.time())
             with self.metrics.redis_timer("join"):
                 # the lobby's record may fail at Redis' memory bound: the join still counts
@@ -136,8 +136,10 @@ class ChatNamespace(socketio.Namespace):
         self.metrics.joins.inc()
         log.info("join", extra={"sid": sid, "user": conn.user, "room": room})
         self._announce_leaves(room, [], gone)
+        page = members.page()
         return {"ok": True, "room": room, "history": history, "missed_more": missed_more,
-                "members": members, "worker": self.config.worker_id}
+                "members": page["members"], "online": page["online"],
+                "members_next": page["next"], "worker": self.config.worker_id}
 
     @acknowledged
     def on_leave(self, sid, data):
@@ -171,6 +173,15 @@ class ChatNamespace(socketio.Namespace):
                                  self.config.history_max_limit)
         return {"ok": True,
                 "messages": self.store.history(room, after=after, before=before, limit=limit)}
+
+    @acknowledged
+    def on_members(self, sid, data):
+        room = validation.room(data.get("room"))
+        after = validation.user_cursor(data.get("after"))
+        limit = validation.limit(data.get("limit"), self.config.members_page,
+                                 self.config.members_page)
+        self._member(sid, room)
+        return {"ok": True, **self.presence.members(room, after or "", limit).page()}
 
     @acknowledged
     def on_typing(self, sid, data):
@@ -236,3 +247,4 @@ class ChatNamespace(socketio.Namespace):
             self.server.manager.emit_to_room(
                 "presence", {"room": room, "user": user.name, "user_id": user.id,
                              "state": "leave"}, room)
+

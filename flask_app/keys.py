@@ -28,6 +28,11 @@ class Keys:
         """The same connections, scored 0, in `user_id<US>sid<US>name` order for prefix look-ups."""
         return f"{self.prefix}room:{{{room}}}:presence:index"
 
+    def presence_users(self, room):
+        """The connections each user has in the room, as a hash: its length is the number of
+        users online, whatever the room's size."""
+        return f"{self.prefix}room:{{{room}}}:presence:users"
+
     def rooms(self):
         """Every room ever joined, scored by its last activity."""
         return f"{self.prefix}rooms"

@@ -1,10 +1,12 @@
 """Who is online in each room, across every worker, expiring with heartbeats.
 
-A connection in a room is the member `user_id<US>sid<US>name` of two sorted sets:
-one scored by the time its heartbeat expires, one scored 0 so that a lexical range
-finds a user's connections. A user with two tabs is one member of the room, two
-users of the same name are two; a worker that dies stops refreshing its
-connections and they expire.
+A connection in a room is the member `user_id<US>sid<US>name` of two sorted sets: one scored
+by the time its heartbeat expires, one scored 0 so that a lexical range pages through users in
+id order. A hash counts each user's connections, so a user with two tabs is one member of the
+room, two users of the same name are two, and the number of users online is one HLEN. A join,
+a leave and a lobby's count cost the same whatever the room's size: a joiner gets the first
+page of members and the count, and pages through the rest. A worker that dies stops refreshing
+its connections and they expire.
 """
 import dataclasses
 import logging
@@ -20,90 +22,146 @@ log = logging.getLogger(__name__)
 SEPARATOR = "\x1f"
 ANNOUNCER_HOST_ID = "scalechat-presence"  # the host_id of the joins JOIN announces
 
-# Shared by every script: presence may still change at Redis' memory bound (it is small and
-# bounded by the connections; stored messages are what noeviction refuses), the time from
-# Redis (one clock for all workers),
-# the look-up of a user's connections, and the removal of expired ones,
-# which returns a member of each user that has no connection left.
+# Shared by every script (KEYS: expiry, index, users): presence may still change at Redis'
+# memory bound (it is small and bounded by the connections; stored messages are what
+# noeviction refuses), the time from Redis (one clock for all workers), adding and removing a
+# connection with its user's count, the removal of expired connections, which returns a member
+# of each user that has no connection left, and the users hash rebuilt from the index for rooms
+# whose members were recorded before it existed. PAGE reads the users after a user id.
 _LIB = """#!lua flags=allow-oom
 local SEP = '\\031'
 local function now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
-local function has_user(index, user)
-  return #redis.call('ZRANGEBYLEX', index, '[' .. user .. SEP,
-                     '(' .. user .. '\\032', 'LIMIT', 0, 1) > 0
+local function user_of(member)
+  return string.match(member, '^(.-)' .. SEP) or member
 end
-local function purge(expiry, index, now)
-  local expired = redis.call('ZRANGEBYSCORE', expiry, '-inf', now)
-  local gone, seen = {}, {}
-  for i = 1, #expired, 500 do
-    local batch = {unpack(expired, i, math.min(i + 499, #expired))}
-    redis.call('ZREM', expiry, unpack(batch))
-    redis.call('ZREM', index, unpack(batch))
+local function count_users()
+  if redis.call('EXISTS', KEYS[3]) == 0 then
+    for _, member in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
+      redis.call('HINCRBY', KEYS[3], user_of(member), 1)
+    end
   end
-  for _, member in ipairs(expired) do
-    local user = string.match(member, '^(.-)' .. SEP)
-    if user and not seen[user] and not has_user(index, user) then
-      seen[user] = true
+end
+local function add(member, expires)  -- true when the member's user was not in the room
+  redis.call('ZADD', KEYS[1], expires, member)
+  return redis.call('ZADD', KEYS[2], 0, member) == 1
+         and redis.call('HINCRBY', KEYS[3], user_of(member), 1) == 1
+end
+local function remove(member)  -- true when the member's user has no connection left
+  redis.call('ZREM', KEYS[1], member)
+  if redis.call('ZREM', KEYS[2], member) == 0 then
+    return false
+  end
+  local user = user_of(member)
+  if redis.call('HINCRBY', KEYS[3], user, -1) > 0 then
+    return false
+  end
+  redis.call('HDEL', KEYS[3], user)
+  return true
+end
+local function purge(now)
+  count_users()
+  local gone = {}
+  for _, member in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now)) do
+    if remove(member) then
       table.insert(gone, member)
     end
   end
   return gone
 end
+local function page(after, limit)  -- {connections of the `limit` users after `after`, more?}
+  local from = after == '' and '-' or '[' .. after .. '\\032'
+  local connections, users, last = {}, 0, nil
+  while true do
+    local batch = redis.call('ZRANGEBYLEX', KEYS[2], from, '+', 'LIMIT', 0, limit + 1)
+    for _, member in ipairs(batch) do
+      local user = user_of(member)
+      if user ~= last then
+        if users == limit then
+          return {connections, 1}
+        end
+        users, last = users + 1, user
+      end
+      table.insert(connections, member)
+    end
+    if #batch <= limit then
+      return {connections, 0}
+    end
+    from = '(' .. batch[#batch]
+  end
+end
 """
 
-# KEYS: expiry, index, the room's channel. ARGV: user_id, sid, ttl_ms, room, ANNOUNCER_HOST_ID,
-# name. Returns {users gone, every connection now in the room}: one round trip per join. A user
-# new to a room with other members is announced to them on the room's channel, as
-# python-socketio's pub/sub `emit` message, from a host_id no worker has (all deliver it).
+# KEYS: expiry, index, users, the room's channel. ARGV: user_id, sid, ttl_ms, room,
+# ANNOUNCER_HOST_ID, name, page size. Returns {users gone, the first page of connections, 1 if
+# more users follow, users online}: one round trip per join. A user new to a room with other members is announced to
+# them on the room's channel, as python-socketio's pub/sub `emit` message, from a host_id no
+# worker has (all deliver it).
 JOIN = _LIB + """
 local now = now_ms()
-local gone = purge(KEYS[1], KEYS[2], now)
-local fresh = not has_user(KEYS[2], ARGV[1])
-local member = ARGV[1] .. SEP .. ARGV[2] .. SEP .. ARGV[6]
-redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), member)
-redis.call('ZADD', KEYS[2], 0, member)
-local connections = redis.call('ZRANGE', KEYS[2], 0, -1)
-if fresh and #connections > 1 then
-  redis.call('SPUBLISH', KEYS[3], cjson.encode({
+local gone = purge(now)
+local fresh = add(ARGV[1] .. SEP .. ARGV[2] .. SEP .. ARGV[6], now + tonumber(ARGV[3]))
+local online = redis.call('HLEN', KEYS[3])
+if fresh and online > 1 then
+  redis.call('SPUBLISH', KEYS[4], cjson.encode({
     method = 'emit', event = 'presence', namespace = '/', room = ARGV[4],
     data = {{room = ARGV[4], user_id = ARGV[1], user = ARGV[6], state = 'join'}},
     skip_sid = ARGV[2], host_id = ARGV[5]}))
 end
-return {gone, connections}
+local first = page('', tonumber(ARGV[7]))
+return {gone, first[1], first[2], online}
 """
 
-# KEYS: expiry, index. ARGV: user_id, sid, name. Returns {absent, gone...}.
+# KEYS: expiry, index, users. ARGV: user_id, sid, name. Returns {absent, gone...}.
 LEAVE = _LIB + """
-local member = ARGV[1] .. SEP .. ARGV[2] .. SEP .. ARGV[3]
-local removed = redis.call('ZREM', KEYS[1], member)
-redis.call('ZREM', KEYS[2], member)
-local gone = purge(KEYS[1], KEYS[2], now_ms())
-local absent = (removed == 1 and not has_user(KEYS[2], ARGV[1])) and 1 or 0
+count_users()
+local absent = remove(ARGV[1] .. SEP .. ARGV[2] .. SEP .. ARGV[3]) and 1 or 0
+local gone = purge(now_ms())
 table.insert(gone, 1, absent)
 return gone
 """
 
-# KEYS: expiry, index. ARGV: ttl_ms, member... Returns the users gone.
+# KEYS: expiry, index, users. ARGV: ttl_ms, member... Returns the users gone.
 # Members are added back if missing (expired during a Redis outage): the worker's
 # own connections are the truth about them.
 HEARTBEAT = _LIB + """
 local now = now_ms()
-local expires = now + tonumber(ARGV[1])
+count_users()
 for i = 2, #ARGV do
-  redis.call('ZADD', KEYS[1], expires, ARGV[i])
-  redis.call('ZADD', KEYS[2], 0, ARGV[i])
+  add(ARGV[i], now + tonumber(ARGV[1]))
 end
-return purge(KEYS[1], KEYS[2], now)
+return purge(now)
 """
 
-# KEYS: expiry, index. Returns every connection still alive (the lobby's counts).
-MEMBERS = _LIB + """
-purge(KEYS[1], KEYS[2], now_ms())
-return redis.call('ZRANGE', KEYS[2], 0, -1)
+# KEYS: expiry, index, users. ARGV: a user id ('' for the first page), page size. Returns
+# {connections of the next users, 1 if more follow, users online}.
+PAGE = _LIB + """
+purge(now_ms())
+local next = page(ARGV[1], tonumber(ARGV[2]))
+return {next[1], next[2], redis.call('HLEN', KEYS[3])}
 """
+
+# KEYS: expiry, index, users. Returns how many users are online (the lobby's counts).
+ONLINE = _LIB + """
+purge(now_ms())
+return redis.call('HLEN', KEYS[3])
+"""
+
+
+@dataclasses.dataclass
+class Members:
+    """A page of a room's users in id order, and how many are online."""
+
+    users: list
+    more: bool
+    online: int
+
+    def page(self):
+        """The page as a client gets it: `next` is the `after` of the next page, or None."""
+        return {"members": self.users, "online": self.online,
+                "next": self.users[-1]["id"] if self.more else None}
 
 
 @dataclasses.dataclass
@@ -126,11 +184,13 @@ class Presence:
         self._beating = gevent.lock.Semaphore()
         self._leave = redis.register_script(LEAVE)
         self._heartbeat = redis.register_script(HEARTBEAT)
-        self._members = redis.register_script(MEMBERS)
+        self._page = redis.register_script(PAGE)
+        self._online = redis.register_script(ONLINE)
         self._heartbeat_task = None
 
     def _room_keys(self, room):
-        return [self.keys.presence_expiry(room), self.keys.presence_index(room)]
+        return [self.keys.presence_expiry(room), self.keys.presence_index(room),
+                self.keys.presence_users(room)]
 
     def connect(self, sid, user):
         """Remember a new connection of this worker."""
@@ -140,25 +200,31 @@ class Presence:
         """Return the connection record of a local sid, or None."""
         return self.local.get(sid)
 
-    def join(self, pipe, sid, room):
+    def join(self, pipe, sid, room, page_size):
         """Queue on `pipe` a connection joining a room; return the reader of its reply.
 
         The room's other members hear of the user if it was not there yet. The reader
-        returns (users gone, members).
+        returns (users gone, the room's first Members).
         """
         conn = self.local[sid]
         # EVAL, not EVALSHA: redis-py checks a pipeline's scripts with SCRIPT EXISTS first
         # (and a cluster's pipeline has no eval())
-        pipe.execute_command("EVAL", JOIN, 3, *self._room_keys(room),
+        pipe.execute_command("EVAL", JOIN, 4, *self._room_keys(room),
                              self.keys.room_channel(room), conn.user.id, sid, self.ttl_ms, room,
-                             ANNOUNCER_HOST_ID, conn.user.name)
+                             ANNOUNCER_HOST_ID, conn.user.name, page_size)
 
         def read(reply):
-            gone, connections = reply
+            gone, connections, more, online = reply
             conn.rooms.add(room)
             return ([user for user in map(user_of, gone) if user.id != conn.user.id],
-                    users_of(connections))
+                    Members(users_of(connections), bool(more), online))
         return read
+
+    def members(self, room, after, page_size):
+        """Return the Members of up to `page_size` users after the user id `after`."""
+        connections, more, online = self._page(keys=self._room_keys(room),
+                                               args=[after, page_size])
+        return Members(users_of(connections), bool(more), online)
 
     def leave(self, sid, room):
         """Remove a connection from a room; return (user has left, users gone)."""
@@ -177,9 +243,8 @@ class Presence:
         """Return the number of users online in each of `rooms`."""
         def queue(pipe):
             for room in rooms:
-                self._members(keys=self._room_keys(room), client=pipe)
-        return {room: len(users_of(connections))
-                for room, connections in zip(rooms, self._run(queue))}
+                self._online(keys=self._room_keys(room), client=pipe)
+        return dict(zip(rooms, self._run(queue)))
 
     def heartbeat(self):
         """Refresh this worker's connections; return {room: users gone} of every room here."""
@@ -216,7 +281,7 @@ class Presence:
             except redis.exceptions.NoScriptError:
                 if attempt:
                     raise
-                for script in (self._heartbeat, self._members):
+                for script in (self._heartbeat, self._online):
                     self.redis.script_load(script.script)
 
     def start_heartbeat(self, on_beat):
@@ -243,7 +308,6 @@ def user_of(member):
 
 
 def users_of(connections):
-    """Return the distinct users of members as [{"id", "name"}], sorted by name, then id."""
+    """Return the distinct users of members as [{"id", "name"}], in the members' order."""
     users = {user.id: user for user in map(user_of, connections)}
-    return [{"id": user.id, "name": user.name}
-            for user in sorted(users.values(), key=lambda user: (user.name, user.id))]
+    return [{"id": user.id, "name": user.name} for user in users.values()]

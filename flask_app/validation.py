@@ -1,6 +1,8 @@
 """Checks of everything a client sends, each refusal with a stable error code."""
 import re
 
+from .auth import MAX_ID
+
 ROOM_PATTERN = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 NAME_PATTERN = re.compile(r"[\w][\w .'-]{0,31}")
 CLIENT_ID_PATTERN = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
@@ -78,6 +80,17 @@ def cursor(value, field):
             or any(int(part) > MAX_ID_PART for part in value.split("-")):
         raise ValidationError(
             "invalid_cursor", f"{field} must be a message id such as '1700000000000-0'")
+    return value
+
+
+def user_cursor(value):
+    """Return an optional user id after which a page of members starts."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not 0 < len(value) <= MAX_ID \
+            or "\x1f" in value:
+        raise ValidationError("invalid_cursor",
+                              "after must be the id of the last user of the previous page")
     return value
 
 

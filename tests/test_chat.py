@@ -142,7 +142,8 @@ def test_presence_is_cluster_wide_and_counts_users_not_tabs(workers, clients, ro
     assert bob.join(room)["members"] == [bob_member]
     alice_tab1 = clients("alice").connect(w1)
     alice_tab2 = clients("alice").connect(w2, token=alice_tab1.token)
-    both = [{"id": alice_tab1.user_id, "name": "alice"}, bob_member]
+    both = sorted([{"id": alice_tab1.user_id, "name": "alice"}, bob_member],
+                  key=lambda member: member["id"])  # members come in user id order
     assert alice_tab1.join(room)["members"] == both
     assert alice_tab2.join(room)["members"] == both
     joins = bob.wait_for("presence", lambda got: got)
@@ -252,3 +253,45 @@ def test_a_heartbeat_in_flight_does_not_bring_back_a_member_who_left(redis_serve
         assert bob.wait_for("presence", lambda got: got)[-1]["state"] == "leave"
     finally:
         proxy.close()
+
+
+def test_a_join_answers_a_page_of_members_and_the_rest_are_paged(worker_factory, clients, room):
+    """A join costs the same in any room: the first users, how many are online, and a cursor."""
+    small = worker_factory("member-pages", SCALECHAT_MEMBERS_PAGE="3")
+    people = [clients(f"p{n}").connect(small) for n in range(7)]
+    for person in people:
+        person.join(room)
+    clients("p0").connect(small, token=people[0].token).join(room)  # a second tab: one user
+    ack = people[0].call("join", {"room": room})
+    assert ack["online"] == 7 and len(ack["members"]) == 3
+    assert ack["members_next"] == ack["members"][-1]["id"]
+    seen, after = list(ack["members"]), ack["members_next"]
+    while after is not None:
+        page = people[0].call("members", {"room": room, "after": after})
+        assert page["ok"] and page["online"] == 7
+        seen, after = seen + page["members"], page["next"]
+    assert [m["id"] for m in seen] == sorted(person.user_id for person in people)
+
+    for data, error in (({"room": room, "after": 5}, "invalid_cursor"),
+                        ({"room": room, "after": "x\x1fy"}, "invalid_cursor"),
+                        ({"room": room, "limit": 4}, "invalid_limit"),
+                        ({"room": "Not A Room"}, "invalid_room")):
+        assert people[0].call("members", data)["error"] == error, data
+    outsider = clients("outsider").connect(small)
+    assert outsider.call("members", {"room": room})["error"] == "not_member"
+
+
+def test_members_recorded_before_the_count_existed_are_counted(redis_server, workers, clients,
+                                                               room):
+    """Rooms whose presence predates the per-user count get it rebuilt from their members."""
+    keys = Keys(Config.from_env().key_prefix)
+    before = redis.Redis.from_url(redis_server.url)
+    far = int(time.time() * 1000) + 60_000
+    for user in ("old-1", "old-2"):
+        member = f"{user}\x1fsid-{user}\x1f{user}"
+        before.zadd(keys.presence_expiry(room), {member: far})
+        before.zadd(keys.presence_index(room), {member: 0})
+    alice = clients("alice").connect(workers[0])
+    ack = alice.join(room)
+    assert ack["online"] == 3
+    assert {m["id"] for m in ack["members"]} == {"old-1", "old-2", alice.user_id}

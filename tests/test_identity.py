@@ -284,8 +284,8 @@ def test_guest_login_can_be_forced_on_beside_a_site_key(ec_worker, ec_key, clien
     guest = clients("Dee").connect(ec_worker)
     site_user = clients("Cy").connect(ec_worker, token=ec_token(ec_key, sub="u-cy", name="Cy"))
     guest.join(room)
-    assert site_user.join(room)["members"] == [{"id": "u-cy", "name": "Cy"},
-                                               {"id": guest.user_id, "name": "Dee"}]
+    assert site_user.join(room)["members"] == [{"id": guest.user_id, "name": "Dee"},
+                                               {"id": "u-cy", "name": "Cy"}]
 
 
 def test_guest_login_can_be_forced_off_without_a_site_key(worker_factory, workers):

@@ -15,7 +15,8 @@
 
   const seen = new Set();
   const pending = new Map(); // client_id -> payload, until the server acknowledges it
-  const online = new Map(); // user id -> display name
+  const online = new Map(); // user id -> display name, of the users shown
+  let onlineCount = 0; // users online in the room, shown or not (a join lists the first page)
   const typists = new Map(); // user id -> {name, timer}
   let lastTyping = 0;
   let lastId = null; // the newest message id shown: where a re-join resumes
@@ -58,13 +59,20 @@
   function showMembers() {
     const sorted = [...online].sort(([aId, aName], [bId, bName]) =>
       aName.localeCompare(bName) || (aId < bId ? -1 : aId > bId ? 1 : 0));
-    members.replaceChildren(...sorted.map(([id, name]) => {
+    const items = sorted.map(([id, name]) => {
       const item = document.createElement("li");
       item.textContent = name;
       item.title = id;
       if (id === me) item.className = "me";
       return item;
-    }));
+    });
+    if (onlineCount > online.size) {
+      const more = document.createElement("li");
+      more.className = "more";
+      more.textContent = "and " + (onlineCount - online.size) + " more";
+      items.push(more);
+    }
+    members.replaceChildren(...items);
   }
 
   function showError(text) {
@@ -113,6 +121,7 @@
       ack.history.forEach(showMessage);
       online.clear();
       ack.members.forEach((member) => online.set(member.id, member.name));
+      onlineCount = ack.online;
       showMembers();
       const resend = () => pending.forEach(send);
       if (ack.missed_more && ack.history.length) loadAfter(ack.history[ack.history.length - 1].id, resend);
@@ -145,7 +154,13 @@
   });
   socket.on("presence", (event) => {
     if (event.room !== room) return;
-    if (event.state === "join") online.set(event.user_id, event.user); else online.delete(event.user_id);
+    if (event.state === "join") {
+      if (!online.has(event.user_id)) onlineCount += 1;
+      online.set(event.user_id, event.user);
+    } else {
+      onlineCount = Math.max(onlineCount - 1, 0);
+      online.delete(event.user_id);
+    }
     showMembers();
   });
   socket.on("typing", (event) => {
