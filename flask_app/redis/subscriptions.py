@@ -13,13 +13,15 @@ classic channel, which one listener subscribes to.
 A listener subscribes again to everything it holds after any loss: its connection failing,
 the server taking a channel away (SUNSUBSCRIBE, after a failover or a slot migration), or its
 probe not coming back: every PROBE_EVERY seconds it publishes on a channel of its own, through
-the pool like any message, and a listener that has not heard a probe Redis took for
-PROBE_LIMIT seconds, or whose probe Redis says nobody heard, has silently stopped listening. Before subscribing again on a cluster, the slot map is read
+the pool like any message, and a listener that has not heard a probe Redis took PROBE_LIMIT
+seconds ago (while Redis took later ones), or whose probe Redis says nobody heard, has
+silently stopped listening. Before subscribing again on a cluster, the slot map is read
 anew and each room goes to the listener of its slot's master. The manager replays every room
 subscribed again from its cursor. A Redis that stops answering (stalled, unreachable) is
 not a lost subscription: its probes are not taken, and the listener keeps its subscription
 until the connection itself fails.
 """
+import collections
 import logging
 import time
 
@@ -64,8 +66,9 @@ class Listener:
         self.confirmed = {}  # room -> Event set once its subscription is confirmed
         self.leaving = {}  # channel -> SUNSUBSCRIBEs sent and not yet confirmed
         self.pubsub = None
-        self.heard = None  # when the probe last came back (time.monotonic())
-        self.sent = None  # when Redis took the first probe not heard yet
+        self.heard = None  # when a probe last came back (time.monotonic())
+        self.probes = 0  # probes published, each carrying its number
+        self.unheard = collections.deque()  # (number, when Redis took it) of probes not heard
         self.wake = gevent.event.Event()
         self.stopped = False
         self.task = gevent.spawn(self._run)
@@ -90,15 +93,23 @@ class Listener:
         return self.heard is not None and time.monotonic() - self.heard < PROBE_LIMIT
 
     def probe(self):
-        """Publish on the probe channel; start again if Redis took a probe that never came
-        back, or says nobody listens there while this listener thinks it does."""
-        if self.sent is not None and time.monotonic() - self.sent > PROBE_LIMIT:
+        """Publish a numbered probe; start again if Redis took one that never came back while
+        it kept taking later ones, or says nobody listens where this listener thinks it does.
+
+        A probe Redis took just before it stalled comes back when it resumes, with the
+        probes after it: the listener starts again only once a later probe was taken a full
+        round ago and the first still has not come back.
+        """
+        now = time.monotonic()
+        if len(self.unheard) >= 2 and now - self.unheard[0][1] > PROBE_LIMIT \
+                and now - self.unheard[1][1] >= PROBE_EVERY:
             log.warning("the subscription on %s has not heard a probe Redis took %.0f s ago: "
-                        "subscribing again", self.node, PROBE_LIMIT)
+                        "subscribing again", self.node, now - self.unheard[0][1])
             self.restart()
             return
+        self.probes += 1
         try:
-            heard_by = self.client.spublish(self.probe_channel, b"")
+            heard_by = self.client.spublish(self.probe_channel, str(self.probes))
         except redis.exceptions.MovedError:
             self.restart()  # the probe's slot, and perhaps others, moved to another master
             return
@@ -108,12 +119,13 @@ class Listener:
             log.warning("Redis node %s has no subscription of this listener: subscribing again",
                         self.node)
             self.restart()
-        elif self.sent is None:
-            self.sent = time.monotonic()
+        else:
+            self.unheard.append((self.probes, time.monotonic()))
 
     def restart(self):
         """Drop the connection; the listener subscribes again (and reads the slot map)."""
-        self.heard = self.sent = None
+        self.heard = None
+        self.unheard.clear()
         connection = self.pubsub.connection if self.pubsub is not None else None
         if connection is not None:
             connection.disconnect()
@@ -166,8 +178,14 @@ class Listener:
         for channel in list(self.channels):  # in one SSUBSCRIBE each: a cluster refuses
             pubsub.ssubscribe(channel)       # channels of several slots in one
 
+    def _heard(self, number):
+        self.heard = time.monotonic()
+        while self.unheard and self.unheard[0][0] <= number:
+            self.unheard.popleft()
+
     def _lose(self):
-        self.heard = self.sent = None
+        self.heard = None
+        self.unheard.clear()
         self.leaving.clear()
         for confirmed in self.confirmed.values():
             confirmed.clear()
@@ -179,7 +197,7 @@ class Listener:
         kind, channel = message["type"], message["channel"]
         if kind in ("smessage", "message"):
             if channel == self.probe_channel:
-                self.heard, self.sent = time.monotonic(), None
+                self._heard(int(message["data"] or 0))
             else:
                 self.subscriptions.received(message["data"])
         elif kind == "ssubscribe":
