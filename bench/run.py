@@ -270,7 +270,7 @@ def main(argv=None):
     print(f"results: {json_path}")
     print(f"logs: {logroot}")
     failed = any("error" in r for r in doc["runs"]) or any(
-        r.get("lost") or r.get("duplicated") for r in doc["runs"])
+        r.get("lost") or r.get("duplicated") or r.get("connect_failed") for r in doc["runs"])
     if interrupted:
         return 130
     return 1 if failed else 0
