@@ -69,6 +69,7 @@ class Client(asyncio.Protocol):
         self.lost = gen.loop.create_future()
         self.seen = set()
         self.dups = 0
+        self.count = 0  # `message` events received
         self.open = False
         self.sid = None
 
@@ -327,6 +328,7 @@ class Generator:
         seen.add(mid)
         if len(seen) == size:
             client.dups += 1
+        client.count += 1
         self.count += 1
         if self.t0 <= sent <= self.t1:
             self.lat.append(now - sent)
@@ -477,8 +479,12 @@ class Generator:
                 mine |= expected.get(room, set())
             unexpected += len(c.seen - mine)
         closed = sum(1 for c in self.clients if not c.open)
+        by_port = {}
+        for c in self.clients:
+            by_port[str(c.port)] = by_port.get(str(c.port), 0) + c.count
         return {"lost": lost, "duplicated": dups, "unexpected": unexpected,
                 "receivers": receivers, "closed": closed, "deliveries": self.count,
+                "deliveries_by_port": by_port,
                 "drain_wait": waited, "lat_hist": histogram(self.lat)}
 
     async def op_status(self, cmd):

@@ -1,7 +1,10 @@
-"""Tables (Markdown, for the terminal and docs/performance.md) and the PNG plot of a run."""
+"""Tables (Markdown, for the terminal and docs/performance.md) and the PNG plots of a run."""
 from .stats import median
 
 REFERENCE = "node"
+SHARDED_PEER = "node_sharded"
+COLORS = {"scalechat": "#d95f02", "node": "#1b9e77", "node_sharded": "#66a61e",
+          "python_stock": "#7570b3"}
 
 # (key, header, format, whether a ratio to node is shown)
 TRAFFIC_COLUMNS = [
@@ -37,6 +40,18 @@ CONNECT_COLUMNS = [
     ("gen_cpu_s", "gen CPU s", "{:.1f}", False),
     ("connect_failed", "failed", "{:,.0f}", False),
 ]
+SCALEOUT_COLUMNS = [
+    ("deliveries_per_s", "deliveries/s", "{:,.0f}"),
+    ("lost", "lost", "{:d}"),
+    ("duplicated", "dup", "{:d}"),
+    ("lat_p50_ms", "p50 ms", "{:.1f}"),
+    ("lat_p99_ms", "p99 ms", "{:.1f}"),
+    ("cpu_us_per_delivery", "CPU us/delivery", "{:.1f}"),
+    ("pubsub_per_delivered", "pub/sub msgs per delivered msg", "{:.2f}"),
+    ("pubsub_per_delivered_max", "busiest worker", "{:.2f}"),
+    ("server_cpu_cores", "server cores", "{:.2f}"),
+    ("gen_cpu_max", "gen CPU", "{:.2f}"),
+]
 SUMMED = {"lost", "duplicated", "connect_failed"}
 
 
@@ -52,13 +67,24 @@ def _flat(run):
     return row
 
 
+def _case(run):
+    return run.get("case", run["scenario"])
+
+
+def _row(run):
+    return run.get("row", run["server"])
+
+
 def summarize(runs):
-    """{scenario: {server: {key: median over repeats (sum for losses), "repeats": n}}}."""
+    """{case: {row: {key: median over repeats (sum for losses), "repeats": n}}}.
+
+    A case is a scenario at one worker count; a row a server on one Redis topology.
+    """
     grouped = {}
     for run in runs:
         if "error" in run:
             continue
-        grouped.setdefault(run["scenario"], {}).setdefault(run["server"], []).append(_flat(run))
+        grouped.setdefault(_case(run), {}).setdefault(_row(run), []).append(_flat(run))
     summary = {}
     for scenario, by_server in grouped.items():
         summary[scenario] = {}
@@ -96,6 +122,9 @@ def tables(summary, scenarios, servers):
     """Markdown tables, one per scenario; ratios are to node's median."""
     lines = []
     for name, sc in scenarios.items():
+        if len(sc.workers) > 1:
+            lines.append(scaleout_table(summary, sc, servers))
+            continue
         if name not in summary:
             continue
         by_server = summary[name]
@@ -121,24 +150,94 @@ def tables(summary, scenarios, servers):
     return "\n".join(lines)
 
 
+def scaleout_table(summary, sc, rows):
+    """One wide table: a line per server and worker count.
+
+    "vs 2w" is the CPU per delivery against the same server's at the fewest workers;
+    "vs node_sharded" against node's sharded adapter at the same worker count.
+    """
+    cases = [(w, f"{sc.name}-{w}w") for w in sc.workers]
+    lines = [f"#### {sc.name}: {sc.describe()}; at {', '.join(map(str, sc.workers))} workers", ""]
+    headers = ["server", "workers"] + [c[1] for c in SCALEOUT_COLUMNS]
+    headers.insert(headers.index("CPU us/delivery") + 1, f"vs {sc.workers[0]}w")
+    headers.insert(headers.index(f"vs {sc.workers[0]}w") + 1, f"vs {SHARDED_PEER}")
+    lines.append("| " + " | ".join(headers) + " |")
+    lines.append("|---" * len(headers) + "|")
+    for row in rows:
+        base = summary.get(cases[0][1], {}).get(row, {}).get("cpu_us_per_delivery")
+        for workers, case in cases:
+            agg = summary.get(case, {}).get(row)
+            if agg is None:
+                continue
+            cells = [f"{row} (n={agg['repeats']})", str(workers)]
+            for key, _header, fmt in SCALEOUT_COLUMNS:
+                cells.append(_cell(agg.get(key), fmt, None))
+                if key == "cpu_us_per_delivery":
+                    cpu = agg.get(key)
+                    peer = summary[case].get(SHARDED_PEER, {}).get(key)
+                    cells.append(f"{cpu / base:.2f}x" if cpu and base else "-")
+                    cells.append(f"{cpu / peer:.2f}x" if cpu and peer else "-")
+            lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    return "\n".join(lines)
+
+
 def failures(runs):
     lines = []
     for run in runs:
+        what = f"- {_case(run)} / {_row(run)} #{run['repeat']}"
         if "error" in run:
-            lines.append(f"- {run['scenario']} / {run['server']} #{run['repeat']}: {run['error']}")
+            lines.append(f"{what}: {run['error']}")
         else:
             if run.get("connect_failed"):
                 reasons = "; ".join(f"{n}x {r}" for r, n in run.get("connect_errors", {}).items())
-                lines.append(f"- {run['scenario']} / {run['server']} #{run['repeat']}: "
-                             f"{run['connect_failed']} connections failed ({reasons})")
+                lines.append(f"{what}: {run['connect_failed']} connections failed ({reasons})")
             for key in ("lost", "duplicated", "unexpected", "unacked", "skipped", "dropped"):
                 if run.get(key):
-                    lines.append(f"- {run['scenario']} / {run['server']} #{run['repeat']}: "
-                                 f"{key} = {run[key]}")
+                    lines.append(f"{what}: {key} = {run[key]}")
             if run.get("send_errors"):
-                lines.append(f"- {run['scenario']} / {run['server']} #{run['repeat']}: "
-                             f"send errors {run['send_errors']}")
+                lines.append(f"{what}: send errors {run['send_errors']}")
     return "\n".join(lines)
+
+
+def plot_scaleout(runs, sc, rows, path):
+    """CPU per delivery, and pub/sub messages per delivered message, against the worker count:
+    a line per server through the medians, a dot per run."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+    panels = [("cpu_us_per_delivery", "Server + Redis CPU per delivery (lower is better)",
+               "CPU us / delivery"),
+              ("pubsub_per_delivered", "Pub/sub messages a worker received per message it "
+               "delivered", "messages received / message delivered")]
+    for ax, (key, title, ylabel) in zip(axes, panels):
+        for row in rows:
+            server = row.split("+", 1)[0]
+            style = "--" if row.endswith("+cluster") else "-"
+            medians = []
+            for workers in sc.workers:
+                values = [r[key] for r in runs if "error" not in r and r.get(key) is not None
+                          and r.get("scenario") == sc.name and _row(r) == row
+                          and r.get("workers") == workers]
+                ax.plot([workers] * len(values), values, ".", color=COLORS.get(server),
+                        markersize=4, alpha=0.6)
+                if values:
+                    medians.append((workers, median(values)))
+            if medians:
+                ax.plot(*zip(*medians), style, marker="o", color=COLORS.get(server), label=row)
+        ax.set_xticks(list(sc.workers))
+        ax.set_xlabel("worker processes")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title, fontsize=10)
+        ax.set_ylim(bottom=0)
+        _headroom(ax, False)
+        ax.legend(fontsize=8, loc="upper left")
+    fig.suptitle(f"Scale-out: {sc.describe()} (medians; dots are single runs)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def plot(summary, runs, scenarios, servers, path):
@@ -147,7 +246,7 @@ def plot(summary, runs, scenarios, servers, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colors = {"scalechat": "#d95f02", "node": "#1b9e77", "python_stock": "#7570b3"}
+    colors = {row: COLORS.get(row.split("+", 1)[0]) for row in servers}
     traffic = [n for n, sc in scenarios.items() if sc.kind == "traffic" and n in summary]
     idle = [n for n, sc in scenarios.items() if sc.kind == "idle" and n in summary]
     fig, axes = plt.subplots(2, 2, figsize=(13, 9))

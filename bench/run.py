@@ -1,7 +1,8 @@
 """Benchmark scalechat against reference servers: `python -m bench --help`.
 
 Each scenario runs on every server in turn (A B C A B C ...), each time on a fresh
-stack; the report gives medians over the repeats and ratios to the Node peer.
+stack, at each of its worker counts and on each Redis topology asked for; the report gives
+medians over the repeats and ratios to the Node peer.
 Results: a JSON file and a PNG plot in bench/results/, and the tables on the terminal.
 """
 import argparse
@@ -25,8 +26,8 @@ RESULTS = servers.BENCH / "results"
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         prog="python -m bench",
-        description="Load-test scalechat and the reference servers (node, python_stock) "
-                    "side by side on 127.0.0.1.")
+        description="Load-test scalechat and the reference servers (node, node_sharded, "
+                    "python_stock) side by side on 127.0.0.1.")
     parser.add_argument("--servers", default=",".join(servers.SERVERS),
                         help="comma-separated, from: %(default)s")
     parser.add_argument("--scenarios", default=None,
@@ -41,6 +42,17 @@ def parse_args(argv=None):
                         help="override the measured window of the traffic scenarios (s)")
     parser.add_argument("--hold", type=float, default=None,
                         help="override how long idle connections are held (s)")
+    parser.add_argument("--rate", type=float, default=None, metavar="MSGS",
+                        help="override the messages per second, in all, of the scenarios that "
+                             "send at a rate (latency, rooms, scaleout)")
+    parser.add_argument("--workers", default=None, metavar="LIST",
+                        help="override the worker counts of the scale-out scenario "
+                             "(default 2,4,8)")
+    parser.add_argument("--redis", default="single", metavar="LIST",
+                        help="comma-separated Redis topologies, from: "
+                             f"{','.join(servers.TOPOLOGIES)} (default: %(default)s); a cluster "
+                             "is 3 masters and 3 replicas, for "
+                             f"{' and '.join(servers.CLUSTER_SERVERS)} only")
     parser.add_argument("--aof", action="store_true",
                         help="run Redis with appendonly everysec, as deploy/redis.conf does "
                              "(default: no persistence; the same for every server)")
@@ -58,6 +70,21 @@ def parse_args(argv=None):
     for s in args.servers:
         if s not in servers.SERVERS:
             parser.error(f"unknown server {s!r}; choose from {', '.join(servers.SERVERS)}")
+    args.redis = [t.strip() for t in args.redis.split(",") if t.strip()]
+    for t in args.redis:
+        if t not in servers.TOPOLOGIES:
+            parser.error(f"unknown Redis topology {t!r}; choose from "
+                         f"{', '.join(servers.TOPOLOGIES)}")
+    workers = None
+    if args.workers is not None:
+        try:
+            workers = tuple(int(w) for w in args.workers.split(",") if w.strip())
+        except ValueError:
+            parser.error(f"--workers takes worker counts such as 2,4,8, got {args.workers!r}")
+        if not workers or min(workers) < 2:
+            parser.error("--workers needs counts of at least 2 (each room spans 2 workers)")
+    if args.rate is not None and args.rate <= 0:
+        parser.error("--rate must be positive")
     table = scenarios.QUICK if args.quick else scenarios.FULL
     names = args.scenarios.split(",") if args.scenarios else (
         scenarios.QUICK_DEFAULT if args.quick else scenarios.DEFAULT)
@@ -70,6 +97,10 @@ def parse_args(argv=None):
             sc = dataclasses.replace(sc, duration=args.duration)
         if args.hold is not None and sc.kind == "idle":
             sc = dataclasses.replace(sc, hold=args.hold)
+        if args.rate is not None and sc.mode == "rate" and sc.kind == "traffic":
+            sc = dataclasses.replace(sc, rate=args.rate / sc.sender_count)
+        if workers is not None and len(sc.workers) > 1:
+            sc = dataclasses.replace(sc, workers=workers)
         chosen[name] = sc
     args.chosen = chosen
     if args.repeats is None:
@@ -103,7 +134,7 @@ def versions():
 
 
 def show(doc, chosen, server_names, png):
-    """Print the tables of a results document and draw its plot."""
+    """Print the tables of a results document and draw its plots."""
     summary = report.summarize(doc["runs"])
     doc["summary"] = summary
     print()
@@ -121,16 +152,48 @@ def show(doc, chosen, server_names, png):
         print(problems)
         print()
     if png is not None and summary:
-        report.plot(summary, doc["runs"], chosen, server_names, png)
-        print(f"plot: {png}")
+        single = {n: sc for n, sc in chosen.items() if len(sc.workers) == 1}
+        if any(n in summary for n in single):
+            report.plot(summary, doc["runs"], single, server_names, png)
+            print(f"plot: {png}")
+        for name, sc in chosen.items():
+            if len(sc.workers) > 1 and any(r.get("scenario") == name for r in doc["runs"]):
+                path = png.with_name(f"{png.stem}-{name}.png")
+                report.plot_scaleout(doc["runs"], sc, server_names, path)
+                print(f"plot: {path}")
     return summary
 
 
 def replay(path, no_plot):
     doc = json.loads(path.read_text())
-    chosen = {name: scenarios.Scenario(**cfg) for name, cfg in doc["scenarios"].items()}
-    show(doc, chosen, doc["servers"], None if no_plot else path.with_suffix(".png"))
+    chosen = {}
+    for name, cfg in doc["scenarios"].items():
+        cfg["workers"] = tuple(cfg.get("workers", (2,)))
+        chosen[name] = scenarios.Scenario(**cfg)
+    show(doc, chosen, doc.get("rows", doc["servers"]),
+         None if no_plot else path.with_suffix(".png"))
     return 0
+
+
+def make_plan(args, scalechat_code):
+    """(scenario, workers, repeat, server, redis) of every run, and the servers left out."""
+    skipped = {}
+    if "cluster" in args.redis:
+        for server in args.servers:
+            if server not in servers.CLUSTER_SERVERS:
+                skipped[f"{server}+cluster"] = f"{server} does not run on a Redis Cluster"
+        if "scalechat" in args.servers:
+            # the URL of a cluster whose nodes do not exist yet: only its form is checked
+            refusal = servers.scalechat_refuses(
+                scalechat_code, servers.cluster_url([7000, 7001, 7002]))
+            if refusal:
+                skipped["scalechat+cluster"] = f"scalechat refuses a redis+cluster:// URL: {refusal}"
+    pairs = [(server, redis) for server in args.servers for redis in args.redis
+             if scenarios.row_of(server, redis) not in skipped]
+    plan = [(name, workers, rep, server, redis)
+            for name, sc in args.chosen.items() for workers in sc.workers
+            for rep in range(args.repeats) for server, redis in pairs]
+    return plan, [scenarios.row_of(s, r) for s, r in pairs], skipped
 
 
 def main(argv=None):
@@ -150,29 +213,32 @@ def main(argv=None):
     logroot = out / f"logs-{stamp}"
     logroot.mkdir(parents=True, exist_ok=True)
     command = "python -m bench " + " ".join(argv if argv is not None else sys.argv[1:])
-    plan = [(name, rep, server) for name in args.chosen for rep in range(args.repeats)
-            for server in args.servers]
     doc = {"command": command.strip(), "started": stamp, "fd_limit": fd_limit,
-           "versions": versions(), "servers": args.servers,
+           "versions": versions(), "servers": args.servers, "redis": args.redis,
            "scenarios": {n: dataclasses.asdict(sc) for n, sc in args.chosen.items()},
            "runs": []}
     json_path = out / f"bench-{stamp}.json"
-    if "node" in args.servers:
+    if {"node", "node_sharded"} & set(args.servers):
         servers.node_ready()
     code = None
     if "scalechat" in args.servers:
         doc["scalechat"] = servers.snapshot_scalechat(logroot / "scalechat-code", args.scalechat_ref)
         code = doc["scalechat"]["path"]
+    plan, doc["rows"], doc["skipped"] = make_plan(args, code)
+    for row, reason in doc["skipped"].items():
+        print(f"skipping {row}: {reason}")
 
     began = time.time()
     interrupted = False
     bar = tqdm(plan, unit="run", dynamic_ncols=True)
     try:
-        for name, rep, server in bar:
+        for name, workers, rep, server, redis in bar:
             sc = args.chosen[name]
-            bar.set_description(f"{name} {server} #{rep + 1}")
-            logdir = logroot / f"{name}-{server}-{rep + 1}"
-            stack = servers.Stack(server, logdir, aof=args.aof, scalechat_code=code)
+            case, row = scenarios.case_of(sc, workers), scenarios.row_of(server, redis)
+            bar.set_description(f"{case} {row} #{rep + 1}")
+            logdir = logroot / f"{case}-{row}-{rep + 1}"
+            stack = servers.Stack(server, logdir, workers=workers, redis=redis, aof=args.aof,
+                                  scalechat_code=code)
             try:
                 stack.start()
                 result = scenarios.execute(
@@ -181,8 +247,9 @@ def main(argv=None):
             except (KeyboardInterrupt, SystemExit):
                 raise
             except Exception as exc:  # reported in the results, the next run goes on
-                result = {"scenario": name, "server": server, "error": f"{type(exc).__name__}: {exc}"}
-                tqdm.write(f"{name} {server} #{rep + 1} failed: {result['error']} (logs: {logdir})")
+                result = {"scenario": name, "server": server, "workers": workers, "redis": redis,
+                          "case": case, "row": row, "error": f"{type(exc).__name__}: {exc}"}
+                tqdm.write(f"{case} {row} #{rep + 1} failed: {result['error']} (logs: {logdir})")
             finally:
                 stack.stop()
             result["repeat"] = rep + 1
@@ -198,12 +265,12 @@ def main(argv=None):
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
     doc["elapsed_s"] = round(time.time() - began, 1)
-    show(doc, args.chosen, args.servers, None if args.no_plot else out / f"bench-{stamp}.png")
+    show(doc, args.chosen, doc["rows"], None if args.no_plot else out / f"bench-{stamp}.png")
     json_path.write_text(json.dumps(doc, indent=1))
     print(f"results: {json_path}")
     print(f"logs: {logroot}")
     failed = any("error" in r for r in doc["runs"]) or any(
-        r.get("lost") or r.get("duplicated") for r in doc["runs"])
+        r.get("lost") or r.get("duplicated") or r.get("connect_failed") for r in doc["runs"])
     if interrupted:
         return 130
     return 1 if failed else 0

@@ -1,6 +1,6 @@
 """The scenarios: who connects where, who sends what, what is measured.
 
-Each run gets a fresh stack (Redis and two workers) and fresh generator processes, so
+Each run gets a fresh stack (Redis and the workers) and fresh generator processes, so
 no run inherits another's memory, rooms or connections.
 """
 import dataclasses
@@ -15,7 +15,7 @@ class Scenario:
     name: str
     kind: str                 # "traffic", "idle" or "connect"
     clients: int
-    room_size: int            # clients per room; clients are spread over both workers
+    room_size: int            # clients per room; see `placement` for the workers they are on
     title: str = ""
     senders: str = "none"     # "none", "first:N" (clients 0..N-1), or "all"
     mode: str = "window"      # "window": N unacked in flight; "rate": messages per second
@@ -27,15 +27,34 @@ class Scenario:
     gens: int = 2             # generator processes
     concurrency: int = 64     # connection attempts in flight, over all generators
     max_in_flight: int = 50   # rate mode: a sender with this many unacked skips a beat
+    workers: tuple = (2,)     # worker processes; a scenario with several runs at each count
+    # "alternate": consecutive clients alternate over the workers, so each room spans all of
+    # them; "pairs": each room's members sit half on one worker, half on the next (rooms go
+    # round the ring of workers), so every worker holds members of 2/N of the rooms
+    placement: str = "alternate"
+
+    @property
+    def rooms(self):
+        return -(-self.clients // self.room_size)
+
+    @property
+    def sender_count(self):
+        return self.clients if self.senders == "all" else int(self.senders.split(":")[1])
 
     def describe(self):
-        rooms = -(-self.clients // self.room_size)
+        rooms = self.rooms
         what = f"{self.clients} clients in {rooms} room{'s' if rooms > 1 else ''}"
+        if self.placement == "pairs":
+            half = self.room_size // 2
+            what += f", each on 2 workers ({half} + {self.room_size - half})"
         if self.kind == "traffic":
-            count = self.clients if self.senders == "all" else int(self.senders.split(":")[1])
+            count = self.sender_count
             how = (f"{self.window} unacked in flight each" if self.mode == "window"
                    else f"{self.rate:g} msg/s each")
-            return f"{what}, {count} sender{'s' if count > 1 else ''} ({how}), {self.duration:g} s"
+            total = (f", {self.rate * count:,.0f} msg/s in all"
+                     if self.mode == "rate" and count > 1 else "")
+            return (f"{what}, {count} sender{'s' if count > 1 else ''} ({how}{total}), "
+                    f"{self.duration:g} s")
         if self.kind == "idle":
             return f"{what}, held {self.hold:g} s with heartbeats"
         return f"{what}: POST /api/session, connect, join; {self.concurrency} at a time"
@@ -54,6 +73,11 @@ FULL = {
                         title="20,000 idle connections"),
     "rooms": Scenario("rooms", "traffic", clients=2000, room_size=10, senders="all",
                       mode="rate", rate=0.5, duration=20, title="many rooms"),
+    # 500 messages a second in all at every worker count: 8 python_stock workers, each
+    # decoding every message, still leave the generators a core of this 2-core machine
+    "scaleout": Scenario("scaleout", "traffic", clients=2000, room_size=10, senders="all",
+                         mode="rate", rate=0.25, duration=20, workers=(2, 4, 8),
+                         placement="pairs", title="scale-out"),
 }
 
 QUICK = {
@@ -63,14 +87,34 @@ QUICK = {
     "idle10k": dataclasses.replace(FULL["idle10k"], clients=500, hold=2),
     "idle20k": dataclasses.replace(FULL["idle20k"], clients=1000, hold=2),
     "rooms": dataclasses.replace(FULL["rooms"], clients=200, rate=2, duration=2, warmup=0.5),
+    "scaleout": dataclasses.replace(FULL["scaleout"], clients=400, rate=1.25, duration=2,
+                                    warmup=0.5),
 }
 
-DEFAULT = ("connect", "fanout", "latency", "idle10k", "idle20k", "rooms")
-QUICK_DEFAULT = ("connect", "fanout", "latency", "idle10k", "rooms")
+DEFAULT = ("connect", "fanout", "latency", "idle10k", "idle20k", "rooms", "scaleout")
+QUICK_DEFAULT = ("connect", "fanout", "latency", "idle10k", "rooms", "scaleout")
 
 
 def room_of(sc, idx):
     return f"{sc.name}-{idx // sc.room_size}"
+
+
+def worker_of(sc, idx, workers):
+    """The index of the worker client `idx` connects to."""
+    if sc.placement == "pairs":
+        room, seat = divmod(idx, sc.room_size)
+        return (room + (seat >= sc.room_size // 2)) % workers
+    return idx % workers
+
+
+def case_of(sc, workers):
+    """The name results are grouped under: the scenario, and its worker count if it has several."""
+    return sc.name if len(sc.workers) == 1 else f"{sc.name}-{workers}w"
+
+
+def row_of(server, redis):
+    """A table row: the server, and the Redis it ran on unless one redis-server."""
+    return server if redis == "single" else f"{server}+cluster"
 
 
 def gen_of(sc, idx):
@@ -91,6 +135,8 @@ def execute(sc, stack, logdir, progress=None):
     gens = [Gen(i, logdir / f"gen{i}.log") for i in range(sc.gens)]
     try:
         result = {"scenario": sc.name, "server": stack.server, "clients": sc.clients,
+                  "workers": stack.workers, "redis": stack.redis,
+                  "case": case_of(sc, stack.workers), "row": row_of(stack.server, stack.redis),
                   "config": dataclasses.asdict(sc)}
         rss_before = stack.rss()
         result.update(_connect(sc, stack, gens))
@@ -107,8 +153,8 @@ def execute(sc, stack, logdir, progress=None):
             for w, n in per_worker.items()}
         result["connections_by_worker"] = per_worker
         conns = sum(per_worker.values())
-        result["redis_kb_per_conn"] = (round((rss_after["redis"] - rss_before["redis"]) / conns, 2)
-                                       if conns else None)
+        redis_growth = sum(rss_after[n] - rss_before[n] for n in rss_after if servers.is_redis(n))
+        result["redis_kb_per_conn"] = round(redis_growth / conns, 2) if conns else None
         stack.check_alive()
     except BaseException:
         for gen in gens:  # interrupted or failed: no polite goodbyes
@@ -122,7 +168,8 @@ def execute(sc, stack, logdir, progress=None):
 def _connect(sc, stack, gens):
     plans = [[] for _ in gens]
     for idx in range(sc.clients):
-        plans[gen_of(sc, idx)].append({"idx": idx, "port": stack.ports[idx % 2],
+        port = stack.ports[worker_of(sc, idx, stack.workers)]
+        plans[gen_of(sc, idx)].append({"idx": idx, "port": port,
                                        "name": f"u{idx}", "rooms": [room_of(sc, idx)]})
     per_gen = max(1, sc.concurrency // len(gens))
     cpu0, gcpu0 = _cpu(stack, gens)
@@ -176,6 +223,7 @@ def _traffic(sc, stack, gens):
         cmds.append({"op": "run", "start": start, "t0": t0, "t1": t1, "mode": sc.mode,
                      "window": sc.window, "rate": sc.rate, "max_in_flight": sc.max_in_flight,
                      "senders": mine, "ack_timeout": 30})
+    pubsub0 = stack.pubsub_received()
     for gen, cmd in zip(gens, cmds):
         gen.send(cmd)
     _sleep_until(t0)
@@ -196,6 +244,7 @@ def _traffic(sc, stack, gens):
                                "expected": {room: acked.get(room, []) for room in rooms}}
                               for rooms in rooms_of_gen], timeout=120)
 
+    pubsub1 = stack.pubsub_received()
     window_deliveries = sum(r["window_deliveries"] for r in runs)
     server_cpu = sum(cpu1[n] - cpu0[n] for n in cpu1)
     lat = stats.merge_hists(v["lat_hist"] for v in verifies)
@@ -231,7 +280,40 @@ def _traffic(sc, stack, gens):
         "cpu_s_by_process": {n: round(cpu1[n] - cpu0[n], 3) for n in cpu1},
         "gen_cpu_cores": [round((b - a) / sc.duration, 3) for a, b in zip(gcpu0, gcpu1)],
         "rss_kb_after": rss_after,
+        **_pubsub_figures(sc, stack, verifies, pubsub0, pubsub1),
     }
+
+
+def _pubsub_figures(sc, stack, verifies, before, after):
+    """Pub/sub messages each worker received, per message it delivered, over the whole traffic
+    phase: from before the first send until every acknowledged message was delivered.
+
+    A worker delivers a message of a room to all its members in that room, so the messages
+    it delivered are its clients' deliveries divided by its members per room.
+    """
+    by_port = {}
+    for v in verifies:
+        for port, n in v["deliveries_by_port"].items():
+            by_port[int(port)] = by_port.get(int(port), 0) + n
+    clients, rooms = {}, {}
+    for idx in range(sc.clients):
+        w = worker_of(sc, idx, stack.workers)
+        clients[w] = clients.get(w, 0) + 1
+        rooms.setdefault(w, set()).add(room_of(sc, idx))
+    delivered = {}
+    for w, (name, port) in enumerate(zip(stack.worker_names, stack.ports)):
+        if clients.get(w):
+            delivered[name] = by_port.get(port, 0) * len(rooms[w]) / clients[w]
+    out = {"messages_delivered_by_worker": {n: round(v, 1) for n, v in delivered.items()}}
+    if before is None or after is None:
+        return out
+    received = {name: after[name] - before[name] for name in after}
+    out["pubsub_received_by_worker"] = received
+    ratios = [received[n] / delivered[n] for n in delivered if delivered[n]]
+    total = sum(delivered.values())
+    out["pubsub_per_delivered"] = round(sum(received.values()) / total, 3) if total else None
+    out["pubsub_per_delivered_max"] = round(max(ratios), 3) if ratios else None
+    return out
 
 
 def _idle(sc, stack, gens, progress=None):

@@ -1,4 +1,4 @@
-"""The servers under test: a fresh Redis and two worker processes of scalechat or a peer.
+"""The servers under test: a fresh Redis (or Redis Cluster) and the workers of scalechat or a peer.
 
 Every process started here is recorded by PID and stopped by PID (SIGTERM, then SIGKILL)
 by `stop_all`, which bench.run calls on exit, Ctrl-C and errors alike.
@@ -16,7 +16,12 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 PEERS = BENCH / "peers"
-SERVERS = ("scalechat", "node", "python_stock")
+SERVERS = ("scalechat", "node", "node_sharded", "python_stock")
+# what each server can run on: "single" is one redis-server, "cluster" 3 masters + 3 replicas
+TOPOLOGIES = ("single", "cluster")
+CLUSTER_SERVERS = ("scalechat", "node_sharded")
+CLUSTER_PASSWORD = "bench"
+CLUSTER_NODES = 6
 HOST = "127.0.0.1"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -75,6 +80,11 @@ def stop(proc, timeout=5.0):
     _started.pop(proc.pid, None)
 
 
+def is_redis(name):
+    """Whether a process name of a Stack is a redis-server (one, or each node of a cluster)."""
+    return name.startswith("redis")
+
+
 def stop_all():
     for proc in list(_started.values()):
         stop(proc, timeout=3.0)
@@ -122,19 +132,46 @@ def snapshot_scalechat(dest, ref=None):
     return {"commit": commit, "uncommitted_changes": dirty, "path": str(dest)}
 
 
-class Stack:
-    """Redis plus two workers of one server, on free ports of 127.0.0.1."""
+def scalechat_refuses(code, redis_url):
+    """Why the scalechat in `code` would refuse `redis_url` at start-up, or None if it takes it."""
+    env = dict(os.environ, REDIS_URL=redis_url, SECRET_KEY="bench")
+    probe = subprocess.run([sys.executable, "-c", "from flask_app.config import Config; "
+                            "Config.from_env()"], cwd=code or ROOT, env=env,
+                           capture_output=True, text=True, timeout=60)
+    if probe.returncode == 0:
+        return None
+    lines = probe.stderr.strip().splitlines()
+    return lines[-1] if lines else f"exit status {probe.returncode}"
 
-    def __init__(self, server, logdir, aof=False, scalechat_code=None):
+
+def cluster_url(ports):
+    """The REDIS_URL of a cluster, as scalechat and the Node peer read it: every node a seed."""
+    nodes = ",".join(f"{HOST}:{port}" for port in ports)
+    return f"redis+cluster://:{CLUSTER_PASSWORD}@{nodes}"
+
+
+class Stack:
+    """Redis (one server, or a cluster of 3 masters and 3 replicas) plus the workers of one
+    server, on free ports of 127.0.0.1."""
+
+    def __init__(self, server, logdir, workers=2, redis="single", aof=False, scalechat_code=None):
         if server not in SERVERS:
             raise ValueError(f"unknown server {server!r}; one of {', '.join(SERVERS)}")
+        if redis not in TOPOLOGIES:
+            raise ValueError(f"unknown Redis topology {redis!r}; one of {', '.join(TOPOLOGIES)}")
+        if redis == "cluster" and server not in CLUSTER_SERVERS:
+            raise ValueError(f"{server} does not run on a Redis Cluster; "
+                             f"only {', '.join(CLUSTER_SERVERS)} do")
         self.server = server
         self.logdir = Path(logdir)
+        self.workers = workers
+        self.redis = redis
         self.aof = aof
         self.scalechat_code = scalechat_code  # a snapshot_scalechat() directory, or the tree
         self.procs = {}
         self.ports = []
-        self.redis_port = None
+        self.redis_ports = []
+        self.metrics_dir = self.logdir / "metrics"
 
     @property
     def pids(self):
@@ -142,13 +179,26 @@ class Stack:
 
     @property
     def worker_pids(self):
-        return {name: proc.pid for name, proc in self.procs.items() if name != "redis"}
+        return {name: proc.pid for name, proc in self.procs.items() if not is_redis(name)}
+
+    @property
+    def worker_names(self):
+        return [f"w{i}" for i in range(len(self.ports))]
+
+    @property
+    def redis_url(self):
+        if self.redis == "cluster":
+            return cluster_url(self.redis_ports)
+        return f"redis://{HOST}:{self.redis_ports[0]}/0"
 
     def start(self, timeout=60.0):
         self.logdir.mkdir(parents=True, exist_ok=True)
         try:
-            self._start_redis(timeout)
-            for i in range(2):
+            if self.redis == "cluster":
+                self._start_cluster(timeout)
+            else:
+                self._start_redis("redis", timeout)
+            for i in range(self.workers):
                 port = free_port()
                 self.ports.append(port)
                 self.procs[f"w{i}"] = self._start_worker(i, port)
@@ -159,37 +209,86 @@ class Stack:
             raise
         return self
 
-    def _start_redis(self, timeout):
-        self.redis_port = free_port()
-        datadir = self.logdir / f"redis-{self.redis_port}"
+    def _start_redis(self, name, timeout, extra=(), password=None):
+        port = free_port()
+        self.redis_ports.append(port)
+        datadir = self.logdir / f"redis-{port}"
         datadir.mkdir(parents=True, exist_ok=True)
         persistence = (["--appendonly", "yes", "--appendfsync", "everysec"] if self.aof
                        else ["--appendonly", "no"])
         argv = [shutil.which("redis-server") or "redis-server",
-                "--port", str(self.redis_port), "--bind", HOST, "--save", "",
+                "--port", str(port), "--bind", HOST, "--save", "",
                 *persistence, "--dir", str(datadir), "--daemonize", "no",
-                "--maxclients", "10000", "--protected-mode", "yes"]
-        self.procs["redis"] = spawn(argv, self.logdir / "redis.log")
+                "--maxclients", "10000", "--protected-mode", "yes", *extra]
+        self.procs[name] = spawn(argv, self.logdir / f"{name}.log")
+        auth = b"" if password is None else f"AUTH {password}\r\n".encode()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            self._check_alive("redis")
+            self._check_alive(name)
             try:
-                with socket.create_connection((HOST, self.redis_port), timeout=1) as s:
-                    s.sendall(b"PING\r\n")
-                    if s.recv(64).startswith(b"+PONG"):
-                        return
+                with socket.create_connection((HOST, port), timeout=1) as s:
+                    s.sendall(auth + b"PING\r\n")
+                    if s.recv(64).endswith(b"+PONG\r\n"):
+                        return port
             except OSError:
                 pass
             time.sleep(0.05)
-        raise RuntimeError("redis-server did not answer PING in time")
+        raise RuntimeError(f"redis-server {name} did not answer PING in time")
+
+    def _start_cluster(self, timeout):
+        """Six redis-servers in cluster mode, joined by `redis-cli --cluster create` into 3
+        masters with a replica each; returns when every node sees all slots covered and every
+        replica is in sync."""
+        import redis as redis_py
+        password = ["--requirepass", CLUSTER_PASSWORD, "--masterauth", CLUSTER_PASSWORD]
+        for i in range(CLUSTER_NODES):
+            # the bus port is chosen too: the default (port + 10000) may be taken or too high
+            cluster = ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                       "--cluster-port", str(free_port()), "--cluster-node-timeout", "5000"]
+            self._start_redis(f"redis{i}", timeout, [*password, *cluster], CLUSTER_PASSWORD)
+        create = subprocess.run(
+            [shutil.which("redis-cli") or "redis-cli", "-a", CLUSTER_PASSWORD, "--no-auth-warning",
+             "--cluster", "create", *(f"{HOST}:{p}" for p in self.redis_ports),
+             "--cluster-replicas", "1", "--cluster-yes"],
+            capture_output=True, text=True, timeout=timeout)
+        (self.logdir / "cluster-create.log").write_text(create.stdout + create.stderr)
+        if create.returncode != 0:
+            raise RuntimeError(f"redis-cli --cluster create failed; see {self.logdir}")
+        nodes = [redis_py.Redis(host=HOST, port=p, password=CLUSTER_PASSWORD, socket_timeout=2)
+                 for p in self.redis_ports]
+        deadline = time.monotonic() + timeout
+        try:
+            while time.monotonic() < deadline:
+                for name in self.procs:
+                    self._check_alive(name)
+                if all(self._cluster_node_ready(node) for node in nodes):
+                    return
+                time.sleep(0.2)
+        finally:
+            for node in nodes:
+                node.close()
+        raise RuntimeError(f"the Redis Cluster was not ready in {timeout:.0f}s; see {self.logdir}")
+
+    @staticmethod
+    def _cluster_node_ready(node):
+        info = node.execute_command("CLUSTER", "INFO")
+        info = info.decode() if isinstance(info, bytes) else info
+        if "cluster_state:ok" not in info or "cluster_slots_ok:16384" not in info:
+            return False
+        replication = node.info("replication")
+        if replication["role"] == "master":
+            return replication.get("connected_slaves", 0) == 1 and \
+                replication.get("slave0", {}).get("state") == "online"
+        return replication.get("master_link_status") == "up"
 
     def _start_worker(self, i, port):
-        redis_url = f"redis://{HOST}:{self.redis_port}/0"
         env = dict(os.environ)
         log = self.logdir / f"{self.server}-w{i}.log"
         if self.server == "scalechat":
-            env.update(REDIS_URL=redis_url, SECRET_KEY="bench", SCALECHAT_WORKER_ID=f"w{i}",
-                       SCALECHAT_RATE_LIMIT="100000", SCALECHAT_RATE_BURST="100000")
+            self.metrics_dir.mkdir(parents=True, exist_ok=True)
+            env.update(REDIS_URL=self.redis_url, SECRET_KEY="bench", SCALECHAT_WORKER_ID=f"w{i}",
+                       SCALECHAT_RATE_LIMIT="100000", SCALECHAT_RATE_BURST="100000",
+                       PROMETHEUS_MULTIPROC_DIR=str(self.metrics_dir))
             if self.scalechat_code is None:
                 script = Path(sys.executable).parent / "scalechat-worker"
                 return spawn([str(script), "--host", HOST, "--port", str(port)], log, env, cwd=ROOT)
@@ -198,12 +297,13 @@ class Stack:
             return spawn([sys.executable, "-c", "from wsgi import main; main()",
                           "--host", HOST, "--port", str(port)], log, env, cwd=self.scalechat_code)
         if self.server == "python_stock":
-            env.update(REDIS_URL=redis_url, WORKER_ID=f"p{i}")
+            env.update(REDIS_URL=self.redis_url, WORKER_ID=f"w{i}")
             return spawn([sys.executable, str(PEERS / "python_stock" / "server.py"),
                           "--host", HOST, "--port", str(port)], log, env, cwd=ROOT)
         node_ready()
-        env.update(REDIS_URL=redis_url, WORKER_ID=f"n{i}", HOST=HOST, PORT=str(port),
-                   NODE_ENV="production")
+        env.update(REDIS_URL=self.redis_url, WORKER_ID=f"w{i}", HOST=HOST, PORT=str(port),
+                   NODE_ENV="production",
+                   ADAPTER="sharded" if self.server == "node_sharded" else "classic")
         node = shutil.which("node") or "node"
         return spawn([node, str(PEERS / "node" / "server.js")], log, env, cwd=PEERS / "node")
 
@@ -233,12 +333,50 @@ class Stack:
     def rss(self):
         return {name: rss_kb(pid) for name, pid in self.pids.items()}
 
+    def pubsub_received(self):
+        """Pub/sub messages each worker's listener has received so far, by worker name.
+
+        scalechat's come from its Prometheus counter `scalechat_pubsub_messages_total`
+        (the workers write it to PROMETHEUS_MULTIPROC_DIR); a scalechat without that counter
+        gives None. The peers count in their subscriber and answer GET /metrics.
+        """
+        if self.server == "scalechat":
+            return self._scalechat_pubsub()
+        counts = {}
+        for name, port in zip(self.worker_names, self.ports):
+            with urllib.request.urlopen(f"http://{HOST}:{port}/metrics", timeout=5) as resp:
+                counts[name] = _prometheus_value(resp.read().decode(),
+                                                 "bench_pubsub_messages_total")
+        return counts
+
+    def _scalechat_pubsub(self):
+        from prometheus_client import CollectorRegistry, multiprocess
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry, path=str(self.metrics_dir))
+        counts = {}
+        for family in registry.collect():
+            for sample in family.samples:
+                if sample.name == "scalechat_pubsub_messages_total":
+                    worker = sample.labels.get("worker")
+                    counts[worker] = counts.get(worker, 0) + sample.value
+        if not counts:
+            return None
+        return {name: counts.get(name, 0) for name in self.worker_names}
+
     def check_alive(self):
         for name in self.procs:
             self._check_alive(name)
 
     def stop(self):
         # workers first, so they do not log a lost Redis while stopping
-        for name in sorted(self.procs, key=lambda n: n == "redis"):
+        for name in sorted(self.procs, key=is_redis):
             stop(self.procs[name])
         self.procs.clear()
+
+
+def _prometheus_value(text, metric):
+    """The value of a metric's one sample in Prometheus' text format."""
+    for line in text.splitlines():
+        if line.startswith(metric + "{") or line.startswith(metric + " "):
+            return float(line.rsplit(" ", 1)[1])
+    raise RuntimeError(f"no {metric} in the /metrics answer")

@@ -3,18 +3,29 @@
 // speaking the part of scalechat's protocol the benchmark uses (docs/protocol.md):
 // POST /api/session, GET /healthz, and the `join` / `message` events with acks.
 // Messages are broadcast to the room with an id; nothing is stored.
+// GET /metrics counts the pub/sub messages the worker's subscriber received.
+//
+// ADAPTER=classic (default): createAdapter, one pattern subscription, every worker hears
+// every room. ADAPTER=sharded: createShardedAdapter, SSUBSCRIBE to each room the worker
+// has members in (Redis 7), on one Redis or, with REDIS_URL=redis+cluster://[:pw@]h:p,h:p,
+// on a Redis Cluster.
 //
 //   PORT=8101 REDIS_URL=redis://127.0.0.1:6379/0 WORKER_ID=n0 node server.js
+//   ADAPTER=sharded REDIS_URL=redis+cluster://:pw@127.0.0.1:7000,127.0.0.1:7001 node server.js
 
 const http = require('node:http');
 const { Server } = require('socket.io');
-const { createClient } = require('redis');
-const { createAdapter } = require('@socket.io/redis-adapter');
+const { createClient, createCluster } = require('redis');
+const { createAdapter, createShardedAdapter } = require('@socket.io/redis-adapter');
 
 const host = process.env.HOST || '127.0.0.1';
 const port = Number(process.env.PORT || 8101);
 const redisUrl = process.env.REDIS_URL || 'redis://127.0.0.1:6379/0';
 const workerId = process.env.WORKER_ID || `node-${process.pid}`;
+const adapterKind = process.env.ADAPTER || 'classic';
+const CLUSTER_SCHEME = 'redis+cluster://';
+
+let pubsubMessages = 0;
 
 const ROOM_RE = /^[a-z0-9][a-z0-9_-]{0,63}$/;
 const CLIENT_ID_RE = /^[A-Za-z0-9_.:-]{1,64}$/;
@@ -43,6 +54,11 @@ function userOf(token) {
 const httpServer = http.createServer((req, res) => {
   if (req.method === 'GET' && req.url === '/healthz') {
     sendJson(res, 200, { status: 'ok', worker: workerId });
+    return;
+  }
+  if (req.method === 'GET' && req.url === '/metrics') {
+    res.writeHead(200, { 'Content-Type': 'text/plain; version=0.0.4' });
+    res.end(`bench_pubsub_messages_total{worker="${workerId}"} ${pubsubMessages}\n`);
     return;
   }
   if (req.method === 'POST' && req.url === '/api/session') {
@@ -126,14 +142,55 @@ io.on('connection', (socket) => {
   });
 });
 
-async function main() {
+// Count every message the subscriber hands to the adapter, on any kind of subscription.
+function countingSubscriber(client) {
+  for (const method of ['subscribe', 'pSubscribe', 'sSubscribe']) {
+    const original = client[method].bind(client);
+    client[method] = (channels, listener, bufferMode) => original(channels, (...args) => {
+      pubsubMessages += 1;
+      return listener(...args);
+    }, bufferMode);
+  }
+  return client;
+}
+
+// redis+cluster://[user:password@]host:port,host:port: the cluster's seed nodes.
+function clusterOptions(url) {
+  const rest = url.slice(CLUSTER_SCHEME.length).replace(/\/.*$/, '');
+  const at = rest.lastIndexOf('@');
+  const [username, password] = at < 0 ? ['', ''] : rest.slice(0, at).split(':');
+  const hosts = at < 0 ? rest : rest.slice(at + 1);
+  const defaults = {};
+  if (username) defaults.username = decodeURIComponent(username);
+  if (password) defaults.password = decodeURIComponent(password);
+  return { rootNodes: hosts.split(',').map((h) => ({ url: `redis://${h}` })), defaults };
+}
+
+function redisClients() {
+  if (redisUrl.startsWith(CLUSTER_SCHEME)) {
+    if (adapterKind !== 'sharded') {
+      throw new Error('a Redis Cluster needs ADAPTER=sharded');
+    }
+    const pubClient = createCluster(clusterOptions(redisUrl));
+    return [pubClient, pubClient.duplicate()];
+  }
   const pubClient = createClient({ url: redisUrl });
-  const subClient = pubClient.duplicate();
+  return [pubClient, pubClient.duplicate()];
+}
+
+async function main() {
+  if (adapterKind !== 'classic' && adapterKind !== 'sharded') {
+    throw new Error(`ADAPTER must be classic or sharded, got ${adapterKind}`);
+  }
+  const [pubClient, subClient] = redisClients();
   pubClient.on('error', (err) => console.error(`${workerId}: redis pub: ${err.message}`));
   subClient.on('error', (err) => console.error(`${workerId}: redis sub: ${err.message}`));
   await Promise.all([pubClient.connect(), subClient.connect()]);
-  io.adapter(createAdapter(pubClient, subClient));
-  httpServer.listen(port, host, () => console.log(`${workerId} listening on http://${host}:${port}`));
+  countingSubscriber(subClient);
+  const create = adapterKind === 'sharded' ? createShardedAdapter : createAdapter;
+  io.adapter(create(pubClient, subClient));
+  httpServer.listen(port, host, () => console.log(
+    `${workerId} (${adapterKind} adapter) listening on http://${host}:${port}`));
 
   const stop = () => {
     io.close(() => {

@@ -4,7 +4,7 @@ Flask and python-socketio on gevent with gevent-websocket, processes joined by
 `socketio.RedisManager`, speaking the part of scalechat's protocol the benchmark
 uses (docs/protocol.md): POST /api/session, GET /healthz, and the `join` /
 `message` events with acks. Messages are broadcast to the room with an id;
-nothing is stored.
+nothing is stored. GET /metrics counts the pub/sub messages the worker received.
 
     REDIS_URL=redis://127.0.0.1:6379/0 WORKER_ID=p0 python server.py --port 8201
 """
@@ -33,7 +33,21 @@ CLIENT_ID_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 WORKER_ID = os.environ.get("WORKER_ID", f"python-{os.getpid()}")
 
-sio = socketio.Server(async_mode="gevent", client_manager=socketio.RedisManager(REDIS_URL))
+
+
+class CountingRedisManager(socketio.RedisManager):
+    """The stock RedisManager, counting what its listener receives for the benchmark."""
+
+    received = 0
+
+    def _listen(self):
+        for data in super()._listen():
+            self.received += 1
+            yield data
+
+
+manager = CountingRedisManager(REDIS_URL)
+sio = socketio.Server(async_mode="gevent", client_manager=manager)
 app = Flask(__name__)
 _seq = 0
 
@@ -56,6 +70,13 @@ def user_of(token):
 @app.get("/healthz")
 def healthz():
     return jsonify(status="ok", worker=WORKER_ID)
+
+
+@app.get("/metrics")
+def metrics():
+    """Pub/sub messages received on the one channel every worker subscribes to."""
+    body = f'bench_pubsub_messages_total{{worker="{WORKER_ID}"}} {manager.received}\n'
+    return body, 200, {"Content-Type": "text/plain; version=0.0.4"}
 
 
 @app.post("/api/session")
