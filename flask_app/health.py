@@ -28,7 +28,7 @@ def readyz():
         problem = "draining: this worker is stopping"
     else:
         try:
-            services.redis.ping()
+            ping(services.redis)
         except redis.RedisError as exc:
             problem = f"redis: {exc}"
         else:
@@ -39,3 +39,21 @@ def readyz():
                        reason=problem), 503
     return jsonify(status="ok", worker=services.config.worker_id,
                    connections=len(services.presence.local))
+
+
+def ping(client):
+    """Ping Redis; with a cluster, its masters until one answers.
+
+    A cluster with a master down (until its replica takes over) or a replica restarting still
+    serves the rooms of the other shards: every worker is as far from it as the others, and
+    taking them all out of the proxy would stop every room.
+    """
+    if not isinstance(client, redis.RedisCluster):
+        return client.ping()
+    failure = redis.ConnectionError("the cluster has no master")
+    for node in client.get_primaries():
+        try:
+            return node.redis_connection.ping()
+        except redis.RedisError as exc:
+            failure = exc
+    raise failure

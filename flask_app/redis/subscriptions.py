@@ -69,6 +69,7 @@ class Listener:
         self.heard = None  # when a probe last came back (time.monotonic())
         self.probes = 0  # probes published, each carrying its number
         self.unheard = collections.deque()  # (number, when Redis took it) of probes not heard
+        self.reachable = True  # whether Redis took the last probe
         self.wake = gevent.event.Event()
         self.stopped = False
         self.task = gevent.spawn(self._run)
@@ -90,6 +91,11 @@ class Listener:
             self._send(self.pubsub, "sunsubscribe", channel)
 
     def listening(self):
+        """Whether a probe came back lately, or the node takes none (down, or failing over:
+        then every worker is as far from it, and the other nodes' rooms go on)."""
+        return self.hears() or not self.reachable
+
+    def hears(self):
         return self.heard is not None and time.monotonic() - self.heard < PROBE_LIMIT
 
     def probe(self):
@@ -114,7 +120,9 @@ class Listener:
             self.restart()  # the probe's slot, and perhaps others, moved to another master
             return
         except redis.RedisError:
-            return  # a Redis that does not answer stops the listener's reads too
+            self.reachable = False  # a Redis that does not answer stops the listener's reads too
+            return
+        self.reachable = True
         if heard_by == 0 and self.heard is not None:
             log.warning("Redis node %s has no subscription of this listener: subscribing again",
                         self.node)
@@ -256,9 +264,11 @@ class Subscriptions:
                                      f"within {COMMAND_TIMEOUT} s")
 
     def listening(self):
-        """Whether every listener hears its probe."""
-        return bool(self.listeners) and all(
-            listener.listening() for listener in self.listeners.values())
+        """Whether every listener hears its probe, but for those of nodes that take none, and
+        one at least does."""
+        listeners = list(self.listeners.values())
+        return (all(listener.listening() for listener in listeners)
+                and any(listener.hears() for listener in listeners))
 
     def received(self, data):
         self.manager.received(data)
