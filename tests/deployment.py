@@ -68,8 +68,10 @@ class Stack:
                     if not key.startswith(("SCALECHAT_", "REDIS_", "PROXY_")) and key not in (
                         "WORKERS", "PORT", "SECRET_KEY", "PUBLIC_BIND", "STATS_PORT",
                         "METRICS_PORT", "PROMETHEUS_MULTIPROC_DIR", "RUN_USER", "SENTINEL_PORT")}
-        redis_port = free_port_run(6)  # with Sentinel: 3 Redis nodes, then 3 Sentinels; a cluster: 6 nodes
-        while topology == "cluster" and not cluster_bus_free(redis_port):
+        # with Sentinel: 3 Redis nodes, then 3 Sentinels; a cluster: 6 nodes and their bus ports
+        # (a stack may be configured again as a cluster)
+        redis_port = free_port_run(6)
+        while not cluster_bus_free(redis_port):
             redis_port = free_port_run(6)
         self.env.update(SCALECHAT_VAR=str(var), WORKERS=str(workers), PORT=str(free_port()),
                         STATS_PORT=str(free_port()), REDIS_PORT=str(redis_port),
