@@ -243,7 +243,7 @@ class Presence:
         """Return the number of users online in each of `rooms`."""
         def queue(pipe):
             for room in rooms:
-                self._online(keys=self._room_keys(room), client=pipe)
+                run_script(pipe, self._online, self._room_keys(room))
         return dict(zip(rooms, self._run(queue)))
 
     def heartbeat(self):
@@ -262,16 +262,15 @@ class Presence:
 
         def queue(pipe):
             for room, members in by_room.items():
-                self._heartbeat(keys=self._room_keys(room), args=[self.ttl_ms, *members],
-                                client=pipe)
+                run_script(pipe, self._heartbeat, self._room_keys(room), self.ttl_ms, *members)
         return {room: [user_of(member) for member in gone]
                 for room, gone in zip(by_room, self._run(queue)) if gone}
 
     def _run(self, queue):
         """Run the scripts `queue` puts on a pipeline, in one round trip per node.
 
-        redis-py loads a plain pipeline's scripts itself; a cluster's pipeline fails on a
-        master that lacks one (new, restarted, promoted), so they are loaded and it runs again.
+        A master that lacks a script (new, restarted, promoted) fails the pipeline: the scripts
+        are loaded (on every master) and it runs again.
         """
         for attempt in range(2):
             pipe = self.redis.pipeline(transaction=False)
@@ -299,6 +298,12 @@ class Presence:
                 on_beat(self.heartbeat())
             except Exception:
                 log.exception("presence heartbeat failed; retrying")
+
+
+def run_script(pipe, script, keys, *args):
+    """Queue `script` on `pipe` by its SHA: redis-py blocks a Script called on a cluster's
+    pipeline, and checks a plain pipeline's scripts with SCRIPT EXISTS on every execute."""
+    pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
 
 
 def user_of(member):

@@ -4,6 +4,7 @@ import subprocess
 
 import pytest
 import redis
+import requests
 
 from cluster import PASSWORD, redis_cluster, wait_for_failover  # noqa: F401 (a fixture)
 from conftest import BIN, wait_until
@@ -19,7 +20,8 @@ KEYS = Keys("scalechat:")
 def cluster_chat(redis_cluster, worker_factory, clients):
     """Two workers on the cluster; alice on the first and bob on the second, in a room on
     each master."""
-    workers = [worker_factory(f"cl-{n}", redis_url=redis_cluster.url) for n in (1, 2)]
+    workers = [worker_factory(f"cl-{n}", redis_url=redis_cluster.url,
+                              SCALECHAT_PRESENCE_TTL="3") for n in (1, 2)]
     rooms = redis_cluster.rooms_on_every_master(KEYS)
     alice = clients("alice").connect(workers[0])
     bob = clients("bob").connect(workers[1])
@@ -78,6 +80,19 @@ def test_chat_on_every_master_reaches_only_the_workers_with_members(redis_cluste
         assert done.returncode == 0, done.stderr
         assert f"({heard_by} worker" in done.stdout
     carol.wait_for("announcement", lambda got: len(got) == 2)
+
+    # each worker's heartbeat keeps its members' presence on every shard, the lobby counts it
+    for room in rooms:
+        expiry = KEYS.presence_expiry(room)
+        node = redis_cluster.master_of(expiry).client()
+        first = dict(node.zrange(expiry, 0, -1, withscores=True))
+        wait_until(lambda: all(node.zscore(expiry, member) > score
+                               for member, score in first.items()),
+                   what=f"the heartbeats to refresh presence in {room}")
+    lobby = requests.get(f"{workers[0].url}/api/rooms", timeout=10, headers={
+        "Authorization": f"Bearer {workers[0].token('lobby')}"}).json()["rooms"]
+    assert {r["room"]: r["online"] for r in lobby if r["room"] in rooms} == {
+        room: 3 if room == rooms[2] else 2 for room in rooms}
 
     carol.call("leave", {"room": solo})
     wait_until(lambda: subscribers(redis_cluster, solo) == 0, timeout=15,

@@ -70,6 +70,7 @@ class Listener:
         self.probes = 0  # probes published, each carrying its number
         self.unheard = collections.deque()  # (number, when Redis took it) of probes not heard
         self.reachable = True  # whether Redis took the last probe
+        self.probing = None  # the greenlet publishing a probe
         self.wake = gevent.event.Event()
         self.stopped = False
         self.task = gevent.spawn(self._run)
@@ -120,7 +121,10 @@ class Listener:
             self.restart()  # the probe's slot, and perhaps others, moved to another master
             return
         except redis.RedisError:
-            self.reachable = False  # a Redis that does not answer stops the listener's reads too
+            # a node that does not answer stops the listener's reads too; on a cluster its
+            # slots may have another master by now
+            self.reachable = False
+            self.subscriptions.unreachable(self)
             return
         self.reachable = True
         if heard_by == 0 and self.heard is not None:
@@ -279,6 +283,11 @@ class Subscriptions:
     def lost(self, listener):
         """A listener lost its connection: on a cluster, read the slot map and move rooms."""
         self.manager.lost()
+        self.unreachable(listener)
+
+    def unreachable(self, listener):
+        """A listener's node does not answer (a lost host drops packets: its connection may
+        never fail): on a cluster, read the slot map, and move the rooms of a master replaced."""
         if self.cluster and self.rebalancing is None:
             self.rebalancing = gevent.spawn(self._rebalance)
 
@@ -341,7 +350,9 @@ class Subscriptions:
         while True:
             gevent.sleep(PROBE_EVERY)
             for listener in list(self.listeners.values()):
-                listener.probe()
+                # each in its own greenlet: a node that stalls holds up only its own probe
+                if listener.probing is None or listener.probing.dead:
+                    listener.probing = gevent.spawn(listener.probe)
             now = time.monotonic()
             for room in list(self.rooms):
                 if self.manager.has_members(room):
