@@ -89,7 +89,7 @@ read_sentinel_url() {
   local parsed
   parsed="$("$root/.venv/bin/python" -c '
 import sys
-from flask_app.redis_pool import SentinelURL, parse_url
+from flask_app.redis.urls import SentinelURL, parse_url
 target = parse_url(sys.argv[1])
 if isinstance(target, SentinelURL):
     print(target.service, target.username or "", target.password or "", sep="\n")

@@ -162,3 +162,14 @@ def test_the_systemd_unit_verifies(tmp_path):
                             text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert "scalechat.service" not in result.stderr, result.stderr
+
+
+def test_the_scripts_read_a_sentinel_url_as_the_workers_do():
+    """deploy/status and deploy/backup find the Sentinels and the password in REDIS_URL."""
+    result = subprocess.run(
+        ["bash", "-c", '. deploy/lib.sh; read_sentinel_url "$1"; '
+                       'echo "$sentinel_name|$redis_user|$redis_password|${sentinels[*]}"', "-",
+         "redis+sentinel://:p%40ss@10.0.0.1:26379,10.0.0.2:26380/0/chat"],
+        cwd=ROOT, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "chat||p@ss|10.0.0.1:26379 10.0.0.2:26380\n"
