@@ -18,6 +18,7 @@ import uuid
 import pytest
 
 from conftest import BIN, ROOT, Worker, wait_until
+from deployment import Stack
 
 HOST_NAMES = "abcdefgh"
 
@@ -205,3 +206,27 @@ class HostWorker(Worker):
         wait_until(self._answers if wait_healthy else self._listening, timeout=20,
                    what=f"worker {self.worker_id} on {self.host}:{self.port}")
         return self
+
+
+class HostStack(Stack):
+    """A host's part of the stack, run by the deploy scripts inside the host's namespace, with
+    its own var/ and the ports of a host of its own."""
+
+    PORTS = {"PORT": "8000", "WORKER_PORT_BASE": "8001", "STATS_PORT": "8404",
+             "METRICS_PORT": "9105", "REDIS_EXPORTER_PORT": "9122", "REDIS_PORT": "6380",
+             "SENTINEL_PORT": "26380"}
+
+    def __init__(self, hosts, host, var, **settings):
+        super().__init__(var, workers=int(settings.pop("WORKERS", 1)))
+        self.hosts, self.host = hosts, host
+        self.env.update(self.PORTS, WORKERS=str(self.workers), **settings)
+        self.address = hosts.address(host)
+        self.url = f"http://{self.address}:{self.env['PORT']}"
+
+    def command(self, name, *args):
+        return ["ip", "netns", "exec", self.hosts.namespace(self.host), *super().command(name, *args)]
+
+    def worker_servers(self):
+        """This host's workers as a proxy on another host lists them (PROXY_SERVERS)."""
+        base = int(self.env["WORKER_PORT_BASE"])
+        return [f"{self.address}:{base + n}" for n in range(self.workers)]

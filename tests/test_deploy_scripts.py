@@ -211,7 +211,7 @@ def test_a_proxy_host_sends_to_other_hosts_workers_and_runs_no_redis(service_tmp
     assert [server[1:3] for server in servers] == [
         ["10.0.0.2:8001", "10.0.0.2:8001"], ["10.0.0.2:8002", "10.0.0.2:8002"],
         ["10.0.0.3:8001", "10.0.0.3:8001"], ["fd00::4:8001", "[fd00::4]:8001"]]
-    assert all(server[3] == "cookie" and server[5:] == ["check"] for server in servers)
+    assert all(server[3] == "cookie" and server[5:] == ["check", "tcp-ut", "5s"] for server in servers)
     cookies = {server[2]: server[4] for server in servers}
     assert len(set(cookies.values())) == 4
     check = subprocess.run(["haproxy", "-c", "-f", str(var / "haproxy.cfg")], capture_output=True,
