@@ -5,8 +5,11 @@ import sys
 import time
 from pathlib import Path
 
+import redis
+
 from . import admin, metrics
 from .config import PROJECT_ROOT, Config, ConfigError
+from .keys import Keys
 from .redis.manager import PooledRedisManager
 from .redis.urls import shown
 from .validation import ValidationError, room as valid_room
@@ -18,19 +21,31 @@ STACK_ENV_HEADER = ("# scalechat settings written by deploy/configure: "
 
 class AnnouncementEmitter(PooledRedisManager):
     """A write-only manager that keeps its publish's receivers: python-socketio logs a failed
-    publish, and `emit` returns nothing either way."""
+    publish, and `emit` returns nothing either way. A room's announcement goes on the room's
+    channel, which only the workers with members there hear."""
 
     receivers = None
 
+    def __init__(self, config):
+        super().__init__(config.redis_url, config.channel, pool_size=1, write_only=True)
+        self.keys = Keys(config.key_prefix)
+
     def _publish(self, data):
-        self.receivers = super()._publish(data)
+        if data["room"] is None:
+            self.receivers = super()._publish(data)
+            return self.receivers
+        try:
+            self.receivers = self.redis.spublish(self.keys.room_channel(data["room"]),
+                                                 self.json.dumps(data))
+        except redis.RedisError as exc:
+            print(f"scalechat: cannot publish to Redis: {exc}", file=sys.stderr)
         return self.receivers
 
 
 def announce(config, room, text):
     """Emit an `announcement` to a room, or to everyone, through Redis, from outside the workers;
     return how many workers heard it, or None when Redis could not be reached."""
-    emitter = AnnouncementEmitter(config.redis_url, config.channel, pool_size=1, write_only=True)
+    emitter = AnnouncementEmitter(config)
     emitter.emit("announcement", {"room": room, "text": text, "ts": int(time.time() * 1000)},
                  room=room, namespace="/")
     return emitter.receivers

@@ -67,7 +67,7 @@ class Config:
     dedup_ttl: int = dataclasses.field(
         default=86400, metadata={"env": "SCALECHAT_DEDUP_TTL"})
     # Replicas that must have a message before its sender gets `ok`; by default 1 when REDIS_URL
-    # names a Sentinel set (which has replicas), else 0 (a single Redis).
+    # names a Sentinel set or a cluster (which have replicas), else 0 (a single Redis).
     min_replicas: int = dataclasses.field(
         default=None, metadata={"env": "SCALECHAT_MIN_REPLICAS", "min": 0})
     # Milliseconds a send waits for those replicas before it is answered `unavailable`.
@@ -142,8 +142,9 @@ class Config:
 
     def __post_init__(self):
         if self.min_replicas is None:
+            replicated = urls.SENTINEL_SCHEMES + urls.CLUSTER_SCHEMES
             object.__setattr__(self, "min_replicas",
-                               1 if self.redis_url.startswith(urls.SENTINEL_SCHEMES) else 0)
+                               1 if self.redis_url.startswith(replicated) else 0)
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
             if field.type not in (int, float):

@@ -109,7 +109,10 @@ class ChatNamespace(socketio.Namespace):
                     "invalid_cursor", f"since is after the newest message of {room} ({newest}) "
                                       "and later than any message could be: join without it")
         rejoining = room in conn.rooms
-        self.enter_room(sid, room)  # before the history is read: nothing falls in between
+        # this worker hears the room's channel, and the connection is a member, before the
+        # history is read: nothing falls in between
+        self.server.manager.hold(room)
+        self.enter_room(sid, room)
         try:
             pipe = self.services.redis.pipeline(transaction=False)  # one round trip for a join
             read_history = self.store.join_history(pipe, room, since)
@@ -173,8 +176,9 @@ class ChatNamespace(socketio.Namespace):
     def on_typing(self, sid, data):
         room = validation.room(data.get("room"))
         conn = self._member(sid, room)
-        self.emit("typing", {"room": room, "user": conn.user.name, "user_id": conn.user.id},
-                  room=room, skip_sid=sid)
+        self.server.manager.emit_to_room(
+            "typing", {"room": room, "user": conn.user.name, "user_id": conn.user.id},
+            room, skip_sid=sid)
         return {"ok": True}
 
     def drain(self):
@@ -229,5 +233,6 @@ class ChatNamespace(socketio.Namespace):
 
     def _announce_leaves(self, room, left, gone):
         for user in [*left, *gone]:
-            self.emit("presence", {"room": room, "user": user.name, "user_id": user.id,
-                                   "state": "leave"}, room=room)
+            self.server.manager.emit_to_room(
+                "presence", {"room": room, "user": user.name, "user_id": user.id,
+                             "state": "leave"}, room)

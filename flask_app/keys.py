@@ -31,3 +31,13 @@ class Keys:
     def rooms(self):
         """Every room ever joined, scored by its last activity."""
         return f"{self.prefix}rooms"
+
+    def room_channel(self, room):
+        """The room's pub/sub shard channel, in the slot of its stream: its messages, presence
+        and typing reach only the workers that have members in it."""
+        return f"{self.prefix}room:{{{room}}}:live"
+
+    def probe_channel(self, tag, listener):
+        """A shard channel in the slot of `{tag}` that only one listener subscribes to: the
+        worker publishes there to check that its subscription still hears Redis."""
+        return f"{self.prefix}probe:{{{tag}}}:{listener}"

@@ -29,8 +29,11 @@ ERROR_ACKS = Counter("scalechat_error_acks", "Events answered with an error, by 
 RATE_LIMIT_DISCONNECTS = Counter("scalechat_rate_limit_disconnects",
                                  "Connections closed for exceeding the rate limit", ["worker"])
 RESUBSCRIBES = Counter("scalechat_pubsub_resubscribes",
-                       "Times the pub/sub listener subscribed again after losing Redis",
+                       "Times a pub/sub listener subscribed again after losing Redis",
                        ["worker"])
+PUBSUB_MESSAGES = Counter("scalechat_pubsub_messages",
+                          "Pub/sub messages the worker received: its rooms', and those for "
+                          "every worker", ["worker"])
 HANDLER_SECONDS = Histogram("scalechat_handler_seconds", "Time to handle a client event",
                             ["event"], buckets=(.0005, .001, .0025, .005, .01, .025, .05, .1,
                                                 .25, .5, 1, 2.5))
@@ -48,7 +51,8 @@ class WorkerMetrics:
                              ("refused", REFUSED), ("joins", JOINS), ("received", RECEIVED),
                              ("stored", STORED), ("deliveries", DELIVERIES),
                              ("rate_limit_disconnects", RATE_LIMIT_DISCONNECTS),
-                             ("resubscribes", RESUBSCRIBES)):
+                             ("resubscribes", RESUBSCRIBES),
+                             ("pubsub_messages", PUBSUB_MESSAGES)):
             setattr(self, name, metric.labels(worker_id))
         self._errors = {}
         self._handlers = {}

@@ -11,6 +11,7 @@ import logging
 
 import gevent
 import gevent.lock
+import redis
 
 from .auth import User
 
@@ -53,23 +54,23 @@ local function purge(expiry, index, now)
 end
 """
 
-# KEYS: expiry, index. ARGV: user_id, sid, ttl_ms, channel, room, ANNOUNCER_HOST_ID, name.
-# Returns {users gone, every connection now in the room}: one round trip per join. A user
-# new to a room with other members is announced to them on the Socket.IO channel, as
+# KEYS: expiry, index, the room's channel. ARGV: user_id, sid, ttl_ms, room, ANNOUNCER_HOST_ID,
+# name. Returns {users gone, every connection now in the room}: one round trip per join. A user
+# new to a room with other members is announced to them on the room's channel, as
 # python-socketio's pub/sub `emit` message, from a host_id no worker has (all deliver it).
 JOIN = _LIB + """
 local now = now_ms()
 local gone = purge(KEYS[1], KEYS[2], now)
 local fresh = not has_user(KEYS[2], ARGV[1])
-local member = ARGV[1] .. SEP .. ARGV[2] .. SEP .. ARGV[7]
+local member = ARGV[1] .. SEP .. ARGV[2] .. SEP .. ARGV[6]
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), member)
 redis.call('ZADD', KEYS[2], 0, member)
 local connections = redis.call('ZRANGE', KEYS[2], 0, -1)
 if fresh and #connections > 1 then
-  redis.call('PUBLISH', ARGV[4], cjson.encode({
-    method = 'emit', event = 'presence', namespace = '/', room = ARGV[5],
-    data = {{room = ARGV[5], user_id = ARGV[1], user = ARGV[7], state = 'join'}},
-    skip_sid = ARGV[2], host_id = ARGV[6]}))
+  redis.call('SPUBLISH', KEYS[3], cjson.encode({
+    method = 'emit', event = 'presence', namespace = '/', room = ARGV[4],
+    data = {{room = ARGV[4], user_id = ARGV[1], user = ARGV[6], state = 'join'}},
+    skip_sid = ARGV[2], host_id = ARGV[5]}))
 end
 return {gone, connections}
 """
@@ -116,11 +117,10 @@ class LocalConnection:
 class Presence:
     """Room membership: local connections here, every worker's in Redis."""
 
-    def __init__(self, redis, keys, ttl_seconds, channel):
+    def __init__(self, redis, keys, ttl_seconds):
         self.redis = redis
         self.keys = keys
         self.ttl_ms = ttl_seconds * 1000
-        self.channel = channel
         self.local = {}
         # a heartbeat in flight must not add back a connection that leaves meanwhile
         self._beating = gevent.lock.Semaphore()
@@ -148,8 +148,8 @@ class Presence:
         """
         conn = self.local[sid]
         # EVAL, not EVALSHA: redis-py checks a pipeline's scripts with SCRIPT EXISTS first
-        pipe.eval(JOIN, 2, *self._room_keys(room), conn.user.id, sid, self.ttl_ms,
-                  self.channel, room, ANNOUNCER_HOST_ID, conn.user.name)
+        pipe.eval(JOIN, 3, *self._room_keys(room), self.keys.room_channel(room), conn.user.id,
+                  sid, self.ttl_ms, room, ANNOUNCER_HOST_ID, conn.user.name)
 
         def read(reply):
             gone, connections = reply
@@ -173,11 +173,11 @@ class Presence:
 
     def online_counts(self, rooms):
         """Return the number of users online in each of `rooms`."""
-        pipe = self.redis.pipeline(transaction=False)
-        for room in rooms:
-            self._members(keys=self._room_keys(room), client=pipe)
+        def queue(pipe):
+            for room in rooms:
+                self._members(keys=self._room_keys(room), client=pipe)
         return {room: len(users_of(connections))
-                for room, connections in zip(rooms, pipe.execute())}
+                for room, connections in zip(rooms, self._run(queue))}
 
     def heartbeat(self):
         """Refresh this worker's connections; return {room: users gone} of every room here."""
@@ -192,12 +192,30 @@ class Presence:
                     SEPARATOR.join((conn.user.id, sid, conn.user.name)))
         if not by_room:
             return {}
-        pipe = self.redis.pipeline(transaction=False)
-        for room, members in by_room.items():
-            self._heartbeat(keys=self._room_keys(room), args=[self.ttl_ms, *members],
-                            client=pipe)
+
+        def queue(pipe):
+            for room, members in by_room.items():
+                self._heartbeat(keys=self._room_keys(room), args=[self.ttl_ms, *members],
+                                client=pipe)
         return {room: [user_of(member) for member in gone]
-                for room, gone in zip(by_room, pipe.execute()) if gone}
+                for room, gone in zip(by_room, self._run(queue)) if gone}
+
+    def _run(self, queue):
+        """Run the scripts `queue` puts on a pipeline, in one round trip per node.
+
+        redis-py loads a plain pipeline's scripts itself; a cluster's pipeline fails on a
+        master that lacks one (new, restarted, promoted), so they are loaded and it runs again.
+        """
+        for attempt in range(2):
+            pipe = self.redis.pipeline(transaction=False)
+            queue(pipe)
+            try:
+                return pipe.execute()
+            except redis.exceptions.NoScriptError:
+                if attempt:
+                    raise
+                for script in (self._heartbeat, self._members):
+                    self.redis.script_load(script.script)
 
     def start_heartbeat(self, on_beat):
         """Refresh presence every third of its lifetime in a background greenlet, once.

@@ -33,7 +33,7 @@ class Services:
         return cls(config=config, redis=client,
                    tokens=Tokens(config),
                    store=MessageStore(client, keys, config),
-                   presence=Presence(client, keys, config.presence_ttl, config.channel),
+                   presence=Presence(client, keys, config.presence_ttl),
                    metrics=WorkerMetrics(config.worker_id))
 
 

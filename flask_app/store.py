@@ -7,17 +7,19 @@ import redis
 # worker delivers them, the sender's included.
 STORE_HOST_ID = "scalechat-store"
 
-# One script stores the message and publishes it, so the order on the
-# Socket.IO channel is the order of the stream on every worker, and a retried
-# client_id returns the first id without a second store or broadcast.
-# KEYS: the stream, then the dedup hashes of this period and of the periods either side
-# (a retry on a worker whose clock is a little off still finds the first send); a message's
-# record goes into this period's hash, which expires at the end of the next period (ARGV[2]).
-# The published envelope is python-socketio's pub/sub `emit` message (ARGV[8] is
-# STORE_HOST_ID). ARGV[5] is the sender's name at send time, ARGV[9] its user id. Redis refuses
-# the first write when it is out of memory: nothing is stored.
+# One script stores the message and publishes it, so the order on the room's channel is the
+# order of the stream on every worker, and a retried client_id returns the first id without a
+# second store or broadcast.
+# KEYS: the stream, the dedup hashes of this period and of the periods either side (a retry on
+# a worker whose clock is a little off still finds the first send), and the room's channel,
+# all in the room's slot (Redis refuses a script whose keys span slots). A message's record
+# goes into this period's hash, which expires at the end of the next period (ARGV[2]).
+# The published envelope is python-socketio's pub/sub `emit` message (ARGV[7] is
+# STORE_HOST_ID). ARGV[4] is the sender's name at send time, ARGV[8] its user id. Redis refuses
+# the first write when it is out of memory: nothing is stored. Scripts do not roll back, so the
+# publish comes last.
 APPEND_AND_PUBLISH = """
-local sent = ARGV[9] .. '\\031' .. ARGV[7]
+local sent = ARGV[8] .. '\\031' .. ARGV[6]
 local existing = redis.call('HGET', KEYS[3], sent) or redis.call('HGET', KEYS[2], sent)
                  or redis.call('HGET', KEYS[4], sent)
 local function record(id)  -- on a retry too: a write, so a WAIT after it covers the first
@@ -29,15 +31,15 @@ if existing then
   return {existing, 0}
 end
 local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*',
-                      'user', ARGV[5], 'text', ARGV[6], 'client_id', ARGV[7],
-                      'user_id', ARGV[9])
+                      'user', ARGV[4], 'text', ARGV[5], 'client_id', ARGV[6],
+                      'user_id', ARGV[8])
 record(id)
-local message = {id = id, room = ARGV[4], user = ARGV[5], text = ARGV[6],
-                 ts = tonumber(string.match(id, '^(%d+)')), client_id = ARGV[7],
-                 user_id = ARGV[9]}
-redis.call('PUBLISH', ARGV[3], cjson.encode({
+local message = {id = id, room = ARGV[3], user = ARGV[4], text = ARGV[5],
+                 ts = tonumber(string.match(id, '^(%d+)')), client_id = ARGV[6],
+                 user_id = ARGV[8]}
+redis.call('SPUBLISH', KEYS[5], cjson.encode({
   method = 'emit', event = 'message', data = {message}, namespace = '/',
-  room = ARGV[4], host_id = ARGV[8]}))
+  room = ARGV[3], host_id = ARGV[7]}))
 return {id, 1}
 """
 
@@ -117,9 +119,10 @@ class MessageStore:
         """
         period = int(time.time()) // self.config.dedup_ttl
         keys = [self.keys.room_stream(room),
-                *(self.keys.dedup(room, p) for p in (period - 1, period, period + 1))]
+                *(self.keys.dedup(room, p) for p in (period - 1, period, period + 1)),
+                self.keys.room_channel(room)]
         args = [self.config.history_maxlen, (period + 2) * self.config.dedup_ttl,
-                self.config.channel, room, user.name, text, client_id, STORE_HOST_ID, user.id]
+                room, user.name, text, client_id, STORE_HOST_ID, user.id]
         if not self.config.min_replicas:
             message_id, created = self._append(keys=keys, args=args)
         else:
@@ -130,20 +133,27 @@ class MessageStore:
         """Store, then WAIT on the same connection until enough replicas have the write.
 
         Not while Sentinel fails the master over: its other replica acknowledges writes
-        until Sentinel moves it to the new master, which never gets them.
+        until Sentinel moves it to the new master, which never gets them. On a cluster, the
+        WAIT goes to the master of the room's slot.
         """
         watch = getattr(self.redis.connection_pool, "watch", None)
+        cluster = isinstance(self.redis, redis.RedisCluster)
         for _ in range(2):
             if watch is not None and watch.under_way:
                 raise NotReplicated("Sentinel is failing over the master")
             begun = watch.begun if watch is not None else 0
-            pipe = self.redis.pipeline(transaction=False)  # one connection for both
+            client = self.redis.get_node_from_key(keys[0]).redis_connection if cluster \
+                else self.redis
+            pipe = client.pipeline(transaction=False)  # one connection for both
             pipe.evalsha(self._append.sha, len(keys), *keys, *args)
             pipe.execute_command("WAIT", self.config.min_replicas, self.config.replica_timeout)
             try:
                 (message_id, created), replicas = pipe.execute()
             except redis.exceptions.NoScriptError:
                 self.redis.script_load(APPEND_AND_PUBLISH)  # a new or restarted Redis
+                continue
+            except redis.exceptions.MovedError:
+                self.redis.nodes_manager.initialize()  # the slot has a new master
                 continue
             if replicas < self.config.min_replicas:
                 raise NotReplicated(

@@ -211,7 +211,7 @@ def test_rooms_are_listed_with_online_counts(workers, clients, room):
 
 def test_the_first_member_of_a_room_is_announced_to_nobody(redis_server, workers, clients, room):
     listener = redis.Redis.from_url(redis_server.url).pubsub(ignore_subscribe_messages=True)
-    listener.subscribe(Config.from_env().channel)
+    listener.ssubscribe(Keys(Config.from_env().key_prefix).room_channel(room))
     alice = clients("alice").connect(workers[0])
     alice.join(room)
     bob = clients("bob").connect(workers[1])

@@ -1,92 +1,61 @@
-"""Our client manager: python-socketio's RedisManager, with delivery that survives lost pub/sub.
+"""Our client manager: python-socketio's RedisManager, delivering each room's messages only to
+the workers with members there, in order, whatever Redis loses of its pub/sub.
 
-Redis pub/sub forgets what it publishes while a listener is away (a Redis restart, a dropped
-connection). Stored messages are in the room's stream, though, so after every (re)subscription
-the worker replays, for each room it has members in, what came after the last message it
-delivered there; live messages it has already delivered are then skipped. A replay that fails
-(Redis still flapping) leaves the room with a gap: its live messages are then read from the
-stream too, and the gap is retried until it is filled, so no message is ever skipped. Members of
-a room see each message once, in stream order, without reconnecting.
+A worker subscribes to a room's channel while it has members in it (subscriptions.py), so a
+message costs each worker that has no member in its room nothing. Redis pub/sub forgets what
+it publishes while a listener is away (a restart, a dropped connection, a failover, a slot
+moving), but stored messages are in the room's stream: each time a room's channel is
+subscribed again, the worker replays what came after the last message it delivered there,
+and live messages it has already delivered are then skipped. A replay that fails (Redis still
+flapping) leaves the room with a gap: its live messages are then read from the stream too,
+and the gap is retried until it is filled, so no message is ever skipped. Members of a room
+see each message once, in stream order, without reconnecting.
 
-The listener also pings Redis through its own subscription, so /readyz can tell a worker that
-hears Redis from one whose listener is still reconnecting. With Sentinel, it must also listen
-on the master: after a failover the old master, if it lives, still holds the subscription but
-hears nothing the new master publishes. So the listener subscribes again, and replays, as soon
-as Sentinel names another master, and /readyz fails while it is elsewhere.
+With Sentinel the listener must also be on the master: after a failover the old master, if it
+lives, still holds the subscription but hears nothing the new master publishes. So the
+listener subscribes again, and replays, as soon as Sentinel names another master, and /readyz
+fails while it is elsewhere.
 """
 import logging
-import time
 
 import gevent
-import gevent.event
 import gevent.lock
+import redis
 import socketio
 
 from ..store import STORE_HOST_ID, id_order
 from . import redis_client
 from .sentinel import SentinelPool
+from .subscriptions import PROBE_EVERY, Subscriptions, publish_to_all
 
 log = logging.getLogger(__name__)
 
 REPLAY_PAGE = 500
 GAP_RETRY_FIRST, GAP_RETRY_MAX = 0.5, 5.0  # seconds between attempts to fill a room's gap
-# The listener pings Redis through its own subscription; a worker whose listener has not
-# heard a pong for PONG_LIMIT seconds is not ready.
-PING_EVERY = 2
-PONG_LIMIT = 5
-# seconds between attempts to subscribe again (python-socketio's own: 1 doubling up to 60)
-LISTEN_RETRY_FIRST, LISTEN_RETRY_MAX = 0.5, 5.0
+# python-socketio's messages between workers, by method (PubSubManager._thread's dispatch)
+CONTROL_METHODS = ("emit", "disconnect", "enter_room", "leave_room", "close_room")
 
 
 class PooledRedisManager(socketio.RedisManager):
     """python-socketio's RedisManager on a client from redis_client: any REDIS_URL, one policy.
 
     python-socketio's own client has redis-py's default pool, which refuses the 101st
-    concurrent publish (a mass disconnect announcing its leaves), and none of our timeouts.
+    concurrent publish (a mass disconnect announcing its leaves), none of our timeouts, and no
+    cluster. It publishes on the classic channel, where every worker listens.
     """
 
     def __init__(self, url, channel, pool_size, write_only=False):
         super().__init__(url, channel=channel, write_only=write_only)
         self.redis = redis_client(url, pool_size)
-        self.master_changed = gevent.event.Event()
 
-    def _redis_connect(self):
-        """Give the listener a fresh subscription; a publish that failed needs nothing new.
-
-        python-socketio calls this from its listener (`self.thread`, the greenlet its
-        initialize() started) before it subscribes again, and from a publish that failed
-        before it retries. The pool replaces a broken connection by itself; closing the
-        subscription under the listener because a publish timed out would only make it
-        resubscribe and replay.
-        """
-        if not self.write_only and gevent.getcurrent() is getattr(self, "thread", None):
-            if self.pubsub is not None:
-                self.pubsub.close()
-            # keep the subscribe confirmations: each one marks a (re)subscription
-            self.pubsub = self.redis.pubsub()
-        self.connected = True
-
-    def _subscribed_messages(self):
-        """Yield every message of the subscription, subscribing again when it fails.
-
-        Again at once when Sentinel names a new master, else after LISTEN_RETRY_FIRST seconds,
-        doubling up to LISTEN_RETRY_MAX: a failover takes seconds, and each second without
-        a subscription is a second of messages this worker's members wait for.
-        """
-        delay = LISTEN_RETRY_FIRST
-        while True:
+    def _publish(self, data):
+        """Publish `data` to every worker; return how many heard it, None if Redis did not."""
+        for attempt in range(2):  # a pooled connection may have died with a restarted Redis
             try:
-                self._redis_connect()
-                self.pubsub.subscribe(self.channel)
-                delay = LISTEN_RETRY_FIRST
-                yield from self.pubsub.listen()
-            except Exception as exc:
-                log.warning("cannot receive from Redis, subscribing again within %.1f s: %s",
-                            delay, exc)
-            if self.master_changed.wait(delay):
-                self.master_changed.clear()
-            else:
-                delay = min(delay * 2, LISTEN_RETRY_MAX)
+                return publish_to_all(self.redis, self.channel, self.json.dumps(data))
+            except redis.RedisError as exc:
+                log.error("cannot publish to Redis%s: %s", "" if attempt else ", retrying", exc)
+        return None
 
 
 class ChatRedisManager(PooledRedisManager):
@@ -100,69 +69,102 @@ class ChatRedisManager(PooledRedisManager):
         self.gaps = set()  # rooms whose stream must be read before any live message is delivered
         self.filling = gevent.lock.Semaphore()  # one greenlet at a time reads a room's gap
         self.gap_filler = None
-        self.last_pong = None
-        self.on_master = False
-        self.subscriptions = 0
+        self.subscriptions = Subscriptions(self, self.redis, store.keys, self.host_id, channel)
 
     def initialize(self):
         super().initialize()
-        for pool in {self.redis.connection_pool, self.store.redis.connection_pool}:
+        for pool in {getattr(client, "connection_pool", None)
+                     for client in (self.redis, self.store.redis)}:
             if isinstance(pool, SentinelPool):
                 pool.watch.start()
-        if isinstance(self.redis.connection_pool, SentinelPool):
+        if isinstance(getattr(self.redis, "connection_pool", None), SentinelPool):
             self.redis.connection_pool.watch.on_switch.append(self._master_switched)
-        gevent.spawn(self._ping_forever)
+
+    def _thread(self):
+        """Start the listeners (greenlets of their own), then keep checking they are on the
+        master Sentinel names."""
+        self.subscriptions.start()
+        while True:
+            gevent.sleep(PROBE_EVERY)
+            self._check_on_master()
 
     def listening(self):
-        """Whether the pub/sub listener is on the master and has heard from it lately."""
-        return (self.on_master and self.last_pong is not None
-                and time.monotonic() - self.last_pong < PONG_LIMIT)
+        """Whether every listener is on its master and hears its probe."""
+        return self.subscriptions.listening() and self._on_master()
 
-    def _ping_forever(self):
-        while True:
-            gevent.sleep(PING_EVERY)
-            self._check_on_master()
-            try:
-                self.pubsub.ping()
-            except Exception:
-                pass  # the listener reconnects; until then no pong arrives
+    def hold(self, room):
+        """Subscribe to a room's channel before a member joins it (subscriptions.Subscriptions)."""
+        self.subscriptions.hold(room)
+
+    def emit_to_room(self, event, data, room, skip_sid=None):
+        """Emit to a room's members on every worker, on the room's channel only."""
+        message = {"method": "emit", "event": event, "data": [data], "namespace": "/",
+                   "room": room, "skip_sid": skip_sid, "host_id": self.host_id}
+        self._handle_emit(message)
+        try:
+            self.redis.spublish(self.store.keys.room_channel(room), self.json.dumps(message))
+        except redis.RedisError as exc:
+            log.warning("cannot publish %s to %s's other workers: %s", event, room, exc)
+
+    def _publish(self, data):
+        return self.subscriptions.publish_to_all(self.json.dumps(data))
+
+    def received(self, data):
+        """Act on a message a listener heard, as python-socketio's listener does."""
+        self.metrics.pubsub_messages.inc()
+        try:
+            message = self.json.loads(data)
+        except ValueError:
+            return
+        if not isinstance(message, dict) or message.get("method") is None:
+            return
+        try:
+            if message["method"] == "callback":
+                self._handle_callback(message)
+            elif message.get("host_id") != self.host_id and message["method"] in CONTROL_METHODS:
+                getattr(self, f"_handle_{message['method']}")(message)
+        except Exception:
+            log.exception("cannot handle a %s message from Redis", message["method"])
+
+    def subscribed(self, room):
+        """A room's channel is subscribed again: deliver what this worker missed meanwhile."""
+        with self.filling:
+            self._fill(room)
+
+    def has_members(self, room):
+        return bool(self.rooms.get("/", {}).get(room))
+
+    def forget(self, room):
+        """The room's channel is dropped: its cursor and gap go with it."""
+        self.last_delivered.pop(room, None)
+        self.gaps.discard(room)
+
+    def lost(self):
+        self.metrics.resubscribes.inc()
 
     def _master_switched(self, address):
-        self.master_changed.set()
         self._check_on_master()
 
-    def _listener_address(self):
-        connection = self.pubsub.connection if self.pubsub is not None else None
-        return None if connection is None else (connection.host, connection.port)
+    def _master(self):
+        return getattr(getattr(self.redis, "connection_pool", None), "master_address", None)
+
+    def _on_master(self):
+        master = self._master()
+        return master is None or all(listener.address() in (None, master)
+                                     for listener in self.subscriptions.listeners.values())
 
     def _check_on_master(self):
-        """Drop the subscription if it is not on the master Sentinel names; the listener then
-        subscribes again there and replays what its members missed."""
-        master = getattr(self.redis.connection_pool, "master_address", None)
-        listener = self._listener_address()
-        if master is None or listener is None or listener == master:
+        """Subscribe again on the master Sentinel names if a listener is elsewhere; rooms are
+        then replayed there."""
+        master = self._master()
+        if master is None:
             return
-        if self.on_master:
-            log.warning("the pub/sub listener is on %s:%s, the master is %s:%s: "
-                        "subscribing again", *listener, *master)
-        self.on_master = False
-        self.pubsub.connection.disconnect()
-
-    def _listen(self):
-        channel = self.channel.encode()
-        for message in self._subscribed_messages():
-            if message["type"] == "subscribe":
-                master = getattr(self.redis.connection_pool, "master_address", None)
-                self.on_master = master is None or self._listener_address() == master
-                self.last_pong = time.monotonic()
-                self.subscriptions += 1
-                if self.subscriptions > 1:
-                    self.metrics.resubscribes.inc()
-                self._replay_missed()
-            elif message["type"] == "pong":
-                self.last_pong = time.monotonic()
-            elif message["type"] == "message" and message["channel"] == channel:
-                yield message["data"]
+        for listener in self.subscriptions.listeners.values():
+            address = listener.address()
+            if address is not None and address != master:
+                log.warning("the pub/sub listener is on %s:%s, the master is %s:%s: "
+                            "subscribing again", *address, *master)
+                listener.restart()
 
     def _handle_emit(self, message):
         if message.get("host_id") == STORE_HOST_ID:
@@ -183,13 +185,10 @@ class ChatRedisManager(PooledRedisManager):
         """Start tracking a room this worker just joined, from the last message it read."""
         self.last_delivered.setdefault(room, message_id)
 
-    def _has_members(self, room):
-        return bool(self.rooms.get("/", {}).get(room))
-
     def _first_delivery(self, message):
         stored = message["data"][0]
         room = stored["room"]
-        if not self._has_members(room):
+        if not self.has_members(room):
             self.last_delivered.pop(room, None)
             return False
         last = self.last_delivered.get(room)
@@ -198,14 +197,9 @@ class ChatRedisManager(PooledRedisManager):
         self.last_delivered[room] = stored["id"]
         return True
 
-    def _replay_missed(self):
-        for room in list(self.last_delivered):
-            with self.filling:
-                self._fill(room)
-
     def _fill(self, room):
         """Deliver what the room's stream holds after this worker's cursor, or keep it a gap."""
-        if not self._has_members(room) or room not in self.last_delivered:
+        if not self.has_members(room) or room not in self.last_delivered:
             self.last_delivered.pop(room, None)
             self.gaps.discard(room)
             return

@@ -8,8 +8,10 @@ import redis
 DIRECT_SCHEMES = {"redis": "redis", "rediss": "rediss", "unix": "unix",
                   "valkey": "redis", "valkeys": "rediss"}
 SENTINEL_SCHEMES = ("redis+sentinel", "valkey+sentinel")
-URL_FORMS = ("redis://, rediss://, unix://, valkey://, valkeys:// or "
-             "redis+sentinel://[user:password@]host:port,host:port/db/service")
+CLUSTER_SCHEMES = ("redis+cluster", "valkey+cluster")
+URL_FORMS = ("redis://, rediss://, unix://, valkey://, valkeys://, "
+             "redis+sentinel://[user:password@]host:port,host:port/db/service or "
+             "redis+cluster://[user:password@]host:port,host:port")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,11 +25,23 @@ class SentinelURL:
     password: str = None
 
 
+@dataclasses.dataclass(frozen=True)
+class ClusterURL:
+    """What a redis+cluster:// URL names: nodes to learn the cluster from, and credentials."""
+
+    nodes: tuple
+    username: str = None
+    password: str = None
+
+
 def parse_url(url):
-    """Return a SentinelURL, or the redis-py URL of a direct connection; ValueError if neither."""
+    """Return a SentinelURL, a ClusterURL, or the redis-py URL of a direct connection;
+    ValueError if none."""
     scheme = url.partition("://")[0].lower() if "://" in url else ""
     if scheme in SENTINEL_SCHEMES:
         return _parse_sentinel_url(url)
+    if scheme in CLUSTER_SCHEMES:
+        return _parse_cluster_url(url)
     if scheme not in DIRECT_SCHEMES:
         raise ValueError(f"must start with {URL_FORMS}, got {shown(url)!r}")
     direct = DIRECT_SCHEMES[scheme] + url[len(scheme):]
@@ -41,22 +55,36 @@ def parse_url(url):
 def _parse_sentinel_url(url):
     """Read python-socketio's form: redis+sentinel://[user:password@]h1:p1,h2:p2/db/service."""
     parts = urlsplit(url)
-    credentials, _, hosts = parts.netloc.rpartition("@")
-    username, _, password = credentials.partition(":")
-    sentinels = []
-    for address in hosts.split(","):
-        host, _, port = address.rpartition(":")
-        if not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ValueError(f"lists each Sentinel as host:port, got {address!r} in {shown(url)!r}")
-        sentinels.append((host.strip("[]"), int(port)))
+    username, password, sentinels = _credentials_and_hosts(parts.netloc, "Sentinel", url)
     db, _, service = parts.path[1:].partition("/")
     if not service or "/" in service:
         raise ValueError(f"names the service after the db, as in "
                          f"redis+sentinel://h1:26379,h2:26379/0/mymaster; got {shown(url)!r}")
     if db and not db.isdigit():
         raise ValueError(f"has db {db!r}, not a number: {shown(url)!r}")
-    return SentinelURL(sentinels=tuple(sentinels), service=unquote(service), db=int(db or 0),
-                       username=unquote(username) or None, password=unquote(password) or None)
+    return SentinelURL(sentinels=sentinels, service=unquote(service), db=int(db or 0),
+                       username=username, password=password)
+
+
+def _parse_cluster_url(url):
+    """Read redis+cluster://[user:password@]h1:p1,h2:p2: any nodes of the cluster, at least one."""
+    parts = urlsplit(url)
+    if parts.path.strip("/") not in ("", "0"):
+        raise ValueError(f"names no db (a cluster has only db 0): {shown(url)!r}")
+    username, password, nodes = _credentials_and_hosts(parts.netloc, "node", url)
+    return ClusterURL(nodes=nodes, username=username, password=password)
+
+
+def _credentials_and_hosts(netloc, what, url):
+    credentials, _, hosts = netloc.rpartition("@")
+    username, _, password = credentials.partition(":")
+    addresses = []
+    for address in hosts.split(","):
+        host, _, port = address.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"lists each {what} as host:port, got {address!r} in {shown(url)!r}")
+        addresses.append((host.strip("[]"), int(port)))
+    return unquote(username) or None, unquote(password) or None, tuple(addresses)
 
 
 def shown(url):
