@@ -102,6 +102,22 @@ if isinstance(target, SentinelURL):
     read -ra sentinels; } <<<"$parsed"
 }
 
+# read_cluster_url URL: when URL names a Redis Cluster (redis+cluster://), set `cluster_seeds`
+# (host:port ...), `redis_user` and `redis_password` as the workers read them; return 1 otherwise.
+read_cluster_url() {
+  local parsed
+  parsed="$("$root/.venv/bin/python" -c '
+import sys
+from flask_app.redis.urls import ClusterURL, parse_url
+target = parse_url(sys.argv[1])
+if isinstance(target, ClusterURL):
+    print(target.username or "", target.password or "", sep="\n")
+    print(" ".join(f"{host}:{port}" for host, port in target.nodes))
+' "$1")" || die "REDIS_URL is not a Redis URL scalechat reads (see docs/operations.md)"
+  [ -n "$parsed" ] || return 1
+  { IFS= read -r redis_user; IFS= read -r redis_password; read -ra cluster_seeds; } <<<"$parsed"
+}
+
 # sentinel_master: print "HOST PORT" of the master, as the first Sentinel that answers names it.
 sentinel_master() {
   local address answer

@@ -1,23 +1,28 @@
 """scalechat on three hosts, each started by the deploy scripts in its role, and one lost.
 
-Hosts A and B run workers only (`WORKER_HOST` their address, `PROXY_SERVERS=none`, Redis
-external); host C runs the proxy only (`WORKERS=0`, `PROXY_SERVERS` A's and B's workers);
-Redis is spread over the three. Clients reach nothing but C's proxy. They chat, stuck to A's
-worker or B's; then A's link goes down: the proxy finds A's worker gone, A's clients reconnect
-through it to B and resume from the last message they saw. At the end every client holds the
-room's stream in Redis exactly: nothing acknowledged lost, doubled or reordered.
+Hosts A and B run workers only (`WORKER_HOST` their address, `PROXY_SERVERS=none`, Redis by
+`REDIS_URL`); host C runs the proxy only (`WORKERS=0`, `PROXY_SERVERS` A's and B's workers).
+Redis is spread over the three so that losing any host leaves the room a master with a replica:
+a Sentinel set with its master on A, or a Cluster of nine nodes, each shard's master on its own
+host and its replicas on the other two, the room on A's shard. Clients reach nothing but C's
+proxy. They chat, stuck to A's worker or B's; then A's link goes down: a replica on B or C takes
+over the room, the proxy finds A's worker gone, and A's clients reconnect through it to B and
+resume from the last message they saw. At the end every client holds the room's stream in Redis
+exactly: nothing acknowledged lost, doubled or reordered. Starting, `deploy/status` and stopping
+each host run in the fixtures, so a failure there is an error whatever the layout.
 """
 import contextlib
 import os
 import threading
 import time
+import uuid
 
 import pytest
 
 from conftest import wait_until
 from deployment import ResumingClient, service_dir
 from flask_app.keys import Keys
-from hosts import HostStack, three_hosts  # noqa: F401 (a fixture)
+from hosts import HostedCluster, HostStack, three_hosts  # noqa: F401 (a fixture)
 from test_faults import Conversation
 from test_partition import HostedSentinelSet
 
@@ -55,7 +60,7 @@ def deployed(hosts, redis_url):
             (path / host).mkdir(mode=0o755)
         host_a, host_b = (HostStack(hosts, host, path / host / "var", WORKERS=1, REDIS_URL=redis_url,
                                     WORKER_HOST=hosts.address(host), PROXY_SERVERS="none",
-                                    SECRET_KEY=SECRET_KEY)
+                                    SECRET_KEY=SECRET_KEY, SCALECHAT_MIN_REPLICAS="1")
                           for host in ("a", "b"))
         proxy = HostStack(hosts, "c", path / "c" / "var", WORKERS=0, PUBLIC_BIND=hosts.address("c"),
                           SECRET_KEY=SECRET_KEY)
@@ -69,6 +74,10 @@ def deployed(hosts, redis_url):
             assert "HAProxy reloaded with the new configuration" in proxy.script("run").stdout
             pids = [pid for stack in stacks for pid in stack.pids().values()]
             yield host_a, host_b, proxy
+        except BaseException:
+            for stack in stacks:  # why, for whoever reads the failure
+                print(f"--- host {stack.host}'s logs\n{stack.program_logs(lines=30)}")
+            raise
         finally:
             stopped = on_each(stacks, "stop")
         for host, result in stopped.items():
@@ -81,57 +90,139 @@ def status(stack):
     return stack.script("status", check=False)
 
 
-def test_a_host_lost_behind_the_proxy_of_another_loses_no_message(three_hosts, tmp_path, room):
-    redis_set = HostedSentinelSet(three_hosts, tmp_path)
+def address_of(client):
+    return client.connection_pool.connection_kwargs["host"]
+
+
+class ClusterLayout:
+    """Nine Cluster nodes, each shard's master on its own host: the room lives on A's shard."""
+
+    status_title = "== redis: Redis Cluster (REDIS_URL)"
+
+    def __init__(self, hosts, directory):
+        self.hosts = hosts
+        self.cluster = HostedCluster(hosts, directory)
+        self.url = self.cluster.url
+
+    def start(self):
+        self.cluster.start()
+        for _ in range(1000):
+            self.room = "room-" + uuid.uuid4().hex[:12]
+            self.stream_key = Keys("scalechat:").room_stream(self.room)
+            if self.master_seen_from("a") == self.hosts.address("a"):
+                return self
+        raise AssertionError("no room found on A's shard")
+
+    def master_seen_from(self, host):
+        return address_of(self.cluster.master_of(self.stream_key, seen_from=self.cluster.masters[host]))
+
+    def master_without_a(self):
+        """A client of the room's master once B knows it is not on A, else None."""
+        master = self.cluster.master_of(self.stream_key, seen_from=self.cluster.masters["b"])
+        return None if address_of(master) == self.hosts.address("a") else master
+
+    def stop(self):
+        self.cluster.stop()
+
+
+class SentinelLayout:
+    """A master on A, its replicas on B and C, Sentinels on B, C, C: losing A fails over."""
+
+    status_title = "== redis: Sentinel set"
+
+    def __init__(self, hosts, directory):
+        self.redis_set = HostedSentinelSet(hosts, directory)
+        self.url = self.redis_set.url
+
+    def start(self):
+        self.redis_set.start()
+        self.room = "room-" + uuid.uuid4().hex[:12]
+        self.stream_key = Keys("scalechat:").room_stream(self.room)
+        return self
+
+    def master_without_a(self):
+        host = self.redis_set.master_named()
+        return None if host in (None, "a") else self.redis_set.nodes[host].client()
+
+    def stop(self):
+        self.redis_set.stop()
+
+
+@pytest.fixture(params=["sentinel", pytest.param("cluster", marks=pytest.mark.xfail(
+    strict=True, raises=AssertionError,
+    reason="on a Redis Cluster the workers answer join with internal_error (redis-py's "
+           "ClusterPipeline has no eval) and fail every send when SCALECHAT_MIN_REPLICAS=1 "
+           "(the replicated append reads RedisCluster.connection_pool)"))])
+def redis_layout(request, three_hosts, tmp_path):
+    """Redis spread over the three hosts, as a Sentinel set or a Cluster; stopped afterwards."""
+    layout = {"sentinel": SentinelLayout, "cluster": ClusterLayout}[request.param](three_hosts, tmp_path)
+    try:
+        yield layout.start()
+    finally:
+        layout.stop()
+
+
+@pytest.fixture
+def three_roles(three_hosts, redis_layout):
+    """Workers on A and B and the proxy on C, each host healthy by its deploy/status."""
+    with deployed(three_hosts, redis_layout.url) as (host_a, host_b, proxy):
+        reports = {stack.host: status(stack) for stack in (host_a, host_b, proxy)}
+        for host, report in reports.items():
+            assert report.returncode == 0, f"deploy/status on {host}:\n{report.stdout}{report.stderr}"
+        servers = reports["c"].stdout
+        assert f"{host_a.address}:8001" in servers and f"{host_b.address}:8001" in servers
+        assert redis_layout.status_title in reports["b"].stdout
+        yield host_a, host_b, proxy
+
+
+def test_a_host_lost_behind_the_proxy_of_another_loses_no_message(three_hosts, redis_layout, three_roles):
+    room, stream_key = redis_layout.room, redis_layout.stream_key
+    host_a, host_b, proxy = three_roles
+    on_a = f"worker-00@{host_a.address}"
+    on_b = f"worker-00@{host_b.address}"
     clients = []
     try:
-        redis_set.start()
-        with deployed(three_hosts, redis_set.url) as (host_a, host_b, proxy):
-            on_a = f"worker-00@{host_a.address}"
-            on_b = f"worker-00@{host_b.address}"
-            for stack in (host_a, host_b, proxy):
-                report = status(stack)
-                assert report.returncode == 0, f"deploy/status on {stack.host}:\n{report.stdout}{report.stderr}"
-            servers = status(proxy).stdout
-            assert f"{host_a.address}:8001" in servers and f"{host_b.address}:8001" in servers
+        clients = [ResumingClient(f"c{n}", proxy).start() for n in range(CLIENTS)]
+        for client in clients:
+            client.enter(room)
+        assert sorted(c.workers_seen[0] for c in clients) == [on_a] * 4 + [on_b] * 4
+        moved = [c for c in clients if c.workers_seen[0] == on_a]
+        timings = {}
 
-            clients = [ResumingClient(f"c{n}", proxy).start() for n in range(CLIENTS)]
-            for client in clients:
-                client.enter(room)
-            assert sorted(c.workers_seen[0] for c in clients) == [on_a] * 4 + [on_b] * 4
-            moved = [c for c in clients if c.workers_seen[0] == on_a]
-            timings = {}
+        def lose_a():
+            timings["cut"] = time.monotonic()
+            three_hosts.cut("a")
+            wait_until(lambda: proxy.server_stats(f"{host_a.address}:8001")["status"] == "DOWN",
+                       timeout=15, what="the proxy to see A's worker down")
+            timings["down"] = time.monotonic()
+            wait_until(redis_layout.master_without_a, timeout=30,
+                       what="a replica on B or C to take over the room's master")
+            timings["promoted"] = time.monotonic()
+            wait_until(lambda: all(c.workers_seen[-1] == on_b for c in moved), timeout=30,
+                       what="A's clients to resume on B's worker through the proxy")
+            timings["moved"] = time.monotonic()
 
-            def lose_a():
-                timings["cut"] = time.monotonic()
-                three_hosts.cut("a")
-                wait_until(lambda: proxy.server_stats(f"{host_a.address}:8001")["status"] == "DOWN",
-                           timeout=15, what="the proxy to see A's worker down")
-                timings["down"] = time.monotonic()
-                wait_until(lambda: all(c.workers_seen[-1] == on_b for c in moved), timeout=30,
-                           what="A's clients to resume on B's worker through the proxy")
-                timings["moved"] = time.monotonic()
+        with Conversation(clients, room) as conversation:
+            conversation.around(lose_a)
+        master = wait_until(redis_layout.master_without_a, what="the room's master after A")
+        stream = [entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+                  for entry_id, _ in master.xrange(stream_key)]
+        assert len(stream) == len(set(stream)), "a message is stored twice"
+        assert sorted(conversation.acked) == stream, "an acknowledged message is missing"
+        for client in clients:
+            client.wait_for("message", lambda got: set(stream) <= set(client.ids), timeout=30)
+            assert client.ids == stream, f"{client.name} differs from the stream"
+            assert client.out_of_order == 0, f"{client.name} saw messages out of order"
 
-            with Conversation(clients, room) as conversation:
-                conversation.around(lose_a)
-            master = redis_set.nodes[redis_set.master_named()]
-            stream = [entry_id.decode() for entry_id, _ in
-                      master.client().xrange(Keys("scalechat:").room_stream(room))]
-            assert len(stream) == len(set(stream)), "a message is stored twice"
-            assert sorted(conversation.acked) == stream, "an acknowledged message is missing"
-            for client in clients:
-                client.wait_for("message", lambda got: set(stream) <= set(client.ids), timeout=30)
-                assert client.ids == stream, f"{client.name} differs from the stream"
-                assert client.out_of_order == 0, f"{client.name} saw messages out of order"
-
-            report = status(proxy)
-            assert report.returncode == 1, report.stdout
-            assert f"{host_a.address}:8001" in report.stdout and "DOWN" in report.stdout
-            print(f"\nA cut off: the proxy saw its worker DOWN after {timings['down'] - timings['cut']:.1f} s, "
-                  f"its {len(moved)} clients resumed on B after {timings['moved'] - timings['cut']:.1f} s; "
-                  f"{len(stream)} messages, {sum(c.resends for c in clients)} re-sends, "
-                  f"{sum(c.connects - 1 for c in clients)} reconnects; 0 acknowledged lost")
+        report = status(proxy)
+        assert report.returncode == 1, report.stdout
+        assert f"{host_a.address}:8001" in report.stdout and "DOWN" in report.stdout
+        since_cut = {event: f"{t - timings['cut']:.1f} s" for event, t in timings.items()}
+        print(f"\nA cut off: the proxy saw its worker DOWN after {since_cut['down']}, the room had "
+              f"a new master by {since_cut['promoted']}, A's {len(moved)} clients resumed on B "
+              f"after {since_cut['moved']}; {len(stream)} messages, "
+              f"{sum(c.resends for c in clients)} re-sends, "
+              f"{sum(c.connects - 1 for c in clients)} reconnects; 0 acknowledged lost")
     finally:
         for client in clients:
             client.close()
-        redis_set.stop()
