@@ -79,6 +79,22 @@ server_stat() {
 # The master name the embedded Sentinels watch (REDIS_TOPOLOGY=sentinel).
 sentinel_service=scalechat
 
+# The embedded Redis Cluster (REDIS_TOPOLOGY=cluster): nodes redis-0..5 on REDIS_PORT to +5.
+cluster_nodes=6
+embedded_cluster() { [ -z "$EXTERNAL_REDIS_URL" ] && [ "$REDIS_TOPOLOGY" = cluster ] && [ "$WORKERS" != 0 ]; }
+# cluster_cli HOST:PORT ARGS...: redis-cli to one cluster node, with the stack's password
+cluster_cli() { redis_cli -h "${1%:*}" -p "${1##*:}" "${@:2}"; }
+# cluster_info_field HOST:PORT FIELD: one field of the node's CLUSTER INFO (empty if it does not answer)
+cluster_info_field() {
+  cluster_cli "$1" cluster info 2>/dev/null </dev/null | tr -d '\r' | sed -n "s/^$2://p"
+}
+# cluster_addresses FIRST_PORT: the nodes' addresses, one a line, in the order that
+# `redis-cli --cluster create` reads them (it makes the first three masters).
+cluster_addresses() {
+  local n
+  for ((n = 0; n < cluster_nodes; n++)); do echo "127.0.0.1:$(($1 + n))"; done
+}
+
 # redis-cli with the password of REDIS_PASSWORD (never on the command line), bounded in time.
 redis_cli() { REDISCLI_AUTH="${redis_password:-${REDIS_PASSWORD:-}}" timeout 5 redis-cli --no-auth-warning "$@"; }
 # redis-cli to a Sentinel, which takes no password.

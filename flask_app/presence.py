@@ -148,8 +148,10 @@ class Presence:
         """
         conn = self.local[sid]
         # EVAL, not EVALSHA: redis-py checks a pipeline's scripts with SCRIPT EXISTS first
-        pipe.eval(JOIN, 3, *self._room_keys(room), self.keys.room_channel(room), conn.user.id,
-                  sid, self.ttl_ms, room, ANNOUNCER_HOST_ID, conn.user.name)
+        # (and a cluster's pipeline has no eval())
+        pipe.execute_command("EVAL", JOIN, 3, *self._room_keys(room),
+                             self.keys.room_channel(room), conn.user.id, sid, self.ttl_ms, room,
+                             ANNOUNCER_HOST_ID, conn.user.name)
 
         def read(reply):
             gone, connections = reply

@@ -136,7 +136,7 @@ class MessageStore:
         until Sentinel moves it to the new master, which never gets them. On a cluster, the
         WAIT goes to the master of the room's slot.
         """
-        watch = getattr(self.redis.connection_pool, "watch", None)
+        watch = getattr(getattr(self.redis, "connection_pool", None), "watch", None)
         cluster = isinstance(self.redis, redis.RedisCluster)
         for _ in range(2):
             if watch is not None and watch.under_way:
@@ -212,7 +212,8 @@ class MessageStore:
             return lambda entries: ([message(room, entry_id, fields)
                                      for entry_id, fields in reversed(entries)], False)
         limit = self.config.history_max_limit
-        pipe.eval(SINCE, 1, stream, since, limit + 1)  # EVALSHA would cost a SCRIPT EXISTS
+        # EVAL: EVALSHA would cost a SCRIPT EXISTS, and a cluster's pipeline has no eval()
+        pipe.execute_command("EVAL", SINCE, 1, stream, since, limit + 1)
 
         def read(reply):
             entries, oldest = reply

@@ -36,6 +36,11 @@ def port_is_free(port):
         return True
 
 
+def cluster_bus_free(first):
+    """True when the cluster bus ports of six nodes from `first` (each port + 10000) are free."""
+    return first + 5 + 10000 <= 65535 and all(port_is_free(first + n + 10000) for n in range(6))
+
+
 @contextlib.contextmanager
 def service_dir():
     """A temp dir that the stack's service user can enter (pytest's own are closed to it)."""
@@ -63,7 +68,9 @@ class Stack:
                     if not key.startswith(("SCALECHAT_", "REDIS_", "PROXY_")) and key not in (
                         "WORKERS", "PORT", "SECRET_KEY", "PUBLIC_BIND", "STATS_PORT",
                         "METRICS_PORT", "PROMETHEUS_MULTIPROC_DIR", "RUN_USER", "SENTINEL_PORT")}
-        redis_port = free_port_run(6)  # with Sentinel: 3 Redis nodes, then 3 Sentinels
+        redis_port = free_port_run(6)  # with Sentinel: 3 Redis nodes, then 3 Sentinels; a cluster: 6 nodes
+        while topology == "cluster" and not cluster_bus_free(redis_port):
+            redis_port = free_port_run(6)
         self.env.update(SCALECHAT_VAR=str(var), WORKERS=str(workers), PORT=str(free_port()),
                         STATS_PORT=str(free_port()), REDIS_PORT=str(redis_port),
                         REDIS_TOPOLOGY=topology, SENTINEL_PORT=str(redis_port + 3),

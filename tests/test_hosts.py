@@ -1,15 +1,14 @@
 """scalechat on three hosts, each started by the deploy scripts in its role, and one lost.
 
-Hosts A and B run workers only (`WORKER_HOST` their address, `PROXY_SERVERS=none`, Redis by
-`REDIS_URL`); host C runs the proxy only (`WORKERS=0`, `PROXY_SERVERS` A's and B's workers).
-Redis is spread over the three so that losing any host leaves the room a master with a replica:
-a Sentinel set with its master on A, or a Cluster of nine nodes, each shard's master on its own
-host and its replicas on the other two, the room on A's shard. Clients reach nothing but C's
-proxy. They chat, stuck to A's worker or B's; then A's link goes down: a replica on B or C takes
-over the room, the proxy finds A's worker gone, and A's clients reconnect through it to B and
+Hosts A and B run workers only (`WORKER_HOST` their address, `PROXY_SERVERS=none`, a Redis
+Cluster's `REDIS_URL`, acknowledging a message once a replica has it); host C runs the proxy only
+(`WORKERS=0`, `PROXY_SERVERS` A's and B's workers). The Cluster's nine nodes are spread so that
+losing any host leaves every shard a master and a replica: each shard's master on its own host,
+its replicas on the other two; the room lives on A's shard. Clients reach nothing but C's proxy.
+They chat, stuck to A's worker or B's; then A's link goes down: a replica on B or C takes over
+the room's shard, the proxy finds A's worker gone, and A's clients reconnect through it to B and
 resume from the last message they saw. At the end every client holds the room's stream in Redis
-exactly: nothing acknowledged lost, doubled or reordered. Starting, `deploy/status` and stopping
-each host run in the fixtures, so a failure there is an error whatever the layout.
+exactly: nothing acknowledged lost, doubled or reordered.
 """
 import contextlib
 import os
@@ -24,7 +23,6 @@ from deployment import ResumingClient, service_dir
 from flask_app.keys import Keys
 from hosts import HostedCluster, HostStack, three_hosts  # noqa: F401 (a fixture)
 from test_faults import Conversation
-from test_partition import HostedSentinelSet
 
 pytestmark = pytest.mark.hosts
 
@@ -94,10 +92,8 @@ def address_of(client):
     return client.connection_pool.connection_kwargs["host"]
 
 
-class ClusterLayout:
-    """Nine Cluster nodes, each shard's master on its own host: the room lives on A's shard."""
-
-    status_title = "== redis: Redis Cluster (REDIS_URL)"
+class ClusterOverHosts:
+    """The nine-node Cluster over A, B and C, and a room on the shard whose master is on A."""
 
     def __init__(self, hosts, directory):
         self.hosts = hosts
@@ -109,74 +105,47 @@ class ClusterLayout:
         for _ in range(1000):
             self.room = "room-" + uuid.uuid4().hex[:12]
             self.stream_key = Keys("scalechat:").room_stream(self.room)
-            if self.master_seen_from("a") == self.hosts.address("a"):
+            if address_of(self.master_seen_from("a")) == self.hosts.address("a"):
                 return self
         raise AssertionError("no room found on A's shard")
 
     def master_seen_from(self, host):
-        return address_of(self.cluster.master_of(self.stream_key, seen_from=self.cluster.masters[host]))
+        return self.cluster.master_of(self.stream_key, seen_from=self.cluster.masters[host])
 
     def master_without_a(self):
         """A client of the room's master once B knows it is not on A, else None."""
-        master = self.cluster.master_of(self.stream_key, seen_from=self.cluster.masters["b"])
+        master = self.master_seen_from("b")
         return None if address_of(master) == self.hosts.address("a") else master
 
     def stop(self):
         self.cluster.stop()
 
 
-class SentinelLayout:
-    """A master on A, its replicas on B and C, Sentinels on B, C, C: losing A fails over."""
-
-    status_title = "== redis: Sentinel set"
-
-    def __init__(self, hosts, directory):
-        self.redis_set = HostedSentinelSet(hosts, directory)
-        self.url = self.redis_set.url
-
-    def start(self):
-        self.redis_set.start()
-        self.room = "room-" + uuid.uuid4().hex[:12]
-        self.stream_key = Keys("scalechat:").room_stream(self.room)
-        return self
-
-    def master_without_a(self):
-        host = self.redis_set.master_named()
-        return None if host in (None, "a") else self.redis_set.nodes[host].client()
-
-    def stop(self):
-        self.redis_set.stop()
-
-
-@pytest.fixture(params=["sentinel", pytest.param("cluster", marks=pytest.mark.xfail(
-    strict=True, raises=AssertionError,
-    reason="on a Redis Cluster the workers answer join with internal_error (redis-py's "
-           "ClusterPipeline has no eval) and fail every send when SCALECHAT_MIN_REPLICAS=1 "
-           "(the replicated append reads RedisCluster.connection_pool)"))])
-def redis_layout(request, three_hosts, tmp_path):
-    """Redis spread over the three hosts, as a Sentinel set or a Cluster; stopped afterwards."""
-    layout = {"sentinel": SentinelLayout, "cluster": ClusterLayout}[request.param](three_hosts, tmp_path)
+@pytest.fixture
+def redis_cluster(three_hosts, tmp_path):
+    """The Cluster over the three hosts, stopped afterwards whatever happened."""
+    cluster = ClusterOverHosts(three_hosts, tmp_path)
     try:
-        yield layout.start()
+        yield cluster.start()
     finally:
-        layout.stop()
+        cluster.stop()
 
 
 @pytest.fixture
-def three_roles(three_hosts, redis_layout):
+def three_roles(three_hosts, redis_cluster):
     """Workers on A and B and the proxy on C, each host healthy by its deploy/status."""
-    with deployed(three_hosts, redis_layout.url) as (host_a, host_b, proxy):
+    with deployed(three_hosts, redis_cluster.url) as (host_a, host_b, proxy):
         reports = {stack.host: status(stack) for stack in (host_a, host_b, proxy)}
         for host, report in reports.items():
             assert report.returncode == 0, f"deploy/status on {host}:\n{report.stdout}{report.stderr}"
         servers = reports["c"].stdout
         assert f"{host_a.address}:8001" in servers and f"{host_b.address}:8001" in servers
-        assert redis_layout.status_title in reports["b"].stdout
+        assert "== redis: Redis Cluster (REDIS_URL)" in reports["b"].stdout
         yield host_a, host_b, proxy
 
 
-def test_a_host_lost_behind_the_proxy_of_another_loses_no_message(three_hosts, redis_layout, three_roles):
-    room, stream_key = redis_layout.room, redis_layout.stream_key
+def test_a_host_lost_behind_the_proxy_of_another_loses_no_message(three_hosts, redis_cluster, three_roles):
+    room, stream_key = redis_cluster.room, redis_cluster.stream_key
     host_a, host_b, proxy = three_roles
     on_a = f"worker-00@{host_a.address}"
     on_b = f"worker-00@{host_b.address}"
@@ -195,7 +164,7 @@ def test_a_host_lost_behind_the_proxy_of_another_loses_no_message(three_hosts, r
             wait_until(lambda: proxy.server_stats(f"{host_a.address}:8001")["status"] == "DOWN",
                        timeout=15, what="the proxy to see A's worker down")
             timings["down"] = time.monotonic()
-            wait_until(redis_layout.master_without_a, timeout=30,
+            wait_until(redis_cluster.master_without_a, timeout=30,
                        what="a replica on B or C to take over the room's master")
             timings["promoted"] = time.monotonic()
             wait_until(lambda: all(c.workers_seen[-1] == on_b for c in moved), timeout=30,
@@ -204,7 +173,7 @@ def test_a_host_lost_behind_the_proxy_of_another_loses_no_message(three_hosts, r
 
         with Conversation(clients, room) as conversation:
             conversation.around(lose_a)
-        master = wait_until(redis_layout.master_without_a, what="the room's master after A")
+        master = wait_until(redis_cluster.master_without_a, what="the room's master after A")
         stream = [entry_id.decode() if isinstance(entry_id, bytes) else entry_id
                   for entry_id, _ in master.xrange(stream_key)]
         assert len(stream) == len(set(stream)), "a message is stored twice"
@@ -217,6 +186,11 @@ def test_a_host_lost_behind_the_proxy_of_another_loses_no_message(three_hosts, r
         report = status(proxy)
         assert report.returncode == 1, report.stdout
         assert f"{host_a.address}:8001" in report.stdout and "DOWN" in report.stdout
+        report = status(host_b)  # the cluster serves without A's nodes, and names them down
+        assert report.returncode == 1, report.stdout
+        assert "cluster_state:ok" in report.stdout
+        assert sum(line.startswith(f"down     {three_hosts.address('a')}:")
+                   for line in report.stdout.splitlines()) == 3, report.stdout
         since_cut = {event: f"{t - timings['cut']:.1f} s" for event, t in timings.items()}
         print(f"\nA cut off: the proxy saw its worker DOWN after {since_cut['down']}, the room had "
               f"a new master by {since_cut['promoted']}, A's {len(moved)} clients resumed on B "

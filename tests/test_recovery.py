@@ -1,7 +1,9 @@
 """Recovery and protection: resuming after a reconnect, Redis outages, graceful stops, limits."""
 import json
 import signal
+import socket
 import subprocess
+import threading
 import time
 
 import pytest
@@ -379,3 +381,70 @@ def test_at_the_memory_bound_sends_are_refused_and_nothing_unstored_is_acked(
         assert alice.send(room, "room again")["ok"]
     finally:
         server.stop()
+
+
+class MutingProxy:
+    """A TCP proxy in front of Redis that can silence the subscriptions it carries: the
+    connections that subscribed keep open, but what Redis sends them is dropped."""
+
+    def __init__(self, upstream_port):
+        self.upstream_port = upstream_port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"redis://127.0.0.1:{self.listener.getsockname()[1]}/0"
+        self.subscribed, self.muted = [], set()
+        self.sockets = [self.listener]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def mute_subscriptions(self):
+        self.muted.update(self.subscribed)
+
+    def _accept(self):
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(("127.0.0.1", self.upstream_port))
+            self.sockets += [client, server]
+            threading.Thread(target=self._pump, args=(client, server, client), daemon=True).start()
+            threading.Thread(target=self._pump, args=(server, client, client), daemon=True).start()
+
+    def _pump(self, source, target, client):
+        while True:
+            try:
+                chunk = source.recv(65536)
+                if not chunk:
+                    break
+                if source is client and b"SSUBSCRIBE" in chunk.upper():
+                    self.subscribed.append(client)
+                if source is client or client not in self.muted:
+                    target.sendall(chunk)
+            except OSError:
+                break
+        for sock in (source, target):
+            sock.close()
+
+    def close(self):
+        for sock in self.sockets:
+            sock.close()
+
+
+def test_a_subscription_that_silently_stops_is_noticed_and_replayed(redis_server, worker_factory,
+                                                                     clients, room):
+    """The worker's probe through the publish path does not come back: it subscribes again and
+    delivers what its members missed, without them reconnecting."""
+    proxy = MutingProxy(redis_server.port)
+    try:
+        direct = worker_factory("direct")
+        silenced = worker_factory("silenced", redis_url=proxy.url)
+        alice = clients("alice").connect(direct)
+        bob = clients("bob").connect(silenced)
+        alice.join(room)
+        bob.join(room)
+        proxy.mute_subscriptions()
+        sent = [alice.send(room, f"while bob's worker hears nothing {n}")["id"] for n in range(3)]
+        bob.wait_for("message", lambda got: len(got) == 3, timeout=30)
+        assert [m["id"] for m in bob.messages(room)] == sent
+        assert bob.sio.connected
+    finally:
+        proxy.close()

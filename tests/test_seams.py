@@ -24,9 +24,14 @@ from geventwebsocket.handler import WebSocketHandler
 from redis._parsers import _HiredisParser
 from wsproto.frame_protocol import CloseReason, FrameProtocol, Opcode, ParseFailed
 
+from cluster import redis_cluster  # noqa: F401 (a fixture)
 from conftest import RedisServer, wait_until
-from flask_app.redis.pool import BlockingPool
+from flask_app.redis import redis_client
+from flask_app.redis.cluster import NodePool
+from flask_app.redis.manager import CONTROL_METHODS
+from flask_app.redis.pool import BlockingPool, Parser
 from flask_app.redis.sentinel import SentinelPool
+from flask_app.redis.subscriptions import ListenerPubSub
 
 
 def params(function):
@@ -142,7 +147,7 @@ def test_engineio_server_disconnect_takes_an_optional_sid():
     assert inspect.signature(engineio.Server.disconnect).parameters["sid"].default is None
 
 
-# --- python-socketio: engine.ChatServer, engine.ChatPacket, manager.PooledRedisManager --------
+# --- python-socketio: engine.ChatServer, engine.ChatPacket, manager.ChatRedisManager ----------
 
 def test_socketio_builds_its_engineio_server_from_the_class_method_with_our_options():
     """engine.ChatServer._engineio_server_class returns EngineServer, fed ChatServer's options."""
@@ -195,54 +200,44 @@ def test_socketio_packets_ask_their_class_whether_data_is_binary():
     assert asked and pkt.encode() == '2["message",{"text":"hi"}]'
 
 
-class RecordingRedisManager(socketio.RedisManager):
-    """A RedisManager connecting as manager.PooledRedisManager does, counting the calls."""
-
-    def __init__(self, url, **kwargs):
-        super().__init__(url, **kwargs)
-        self.connects = 0
-
-    def _redis_connect(self):
-        self.connects += 1
-        self.redis = redis.Redis.from_url(self.redis_url)
-        self.pubsub = self.redis.pubsub()
-        self.connected = True
-
-
-def test_socketio_publishes_through_redis_connect_and_retries_once_after_a_failure(redis_server):
-    """manager.PooledRedisManager._redis_connect: called before a publish, and after one failed."""
-    listener = redis.Redis.from_url(redis_server.url).pubsub(ignore_subscribe_messages=True)
-    listener.subscribe("seams")
-    manager = RecordingRedisManager(redis_server.url, channel="seams", write_only=True)
-    manager.emit("first", {}, namespace="/")
-    assert manager.connects == 1
-    manager.redis = redis.Redis(port=1, socket_connect_timeout=1)  # a connection that fails
-    manager.emit("second", {}, namespace="/")
-    assert manager.connects == 2
-    received = []
-    wait_until(lambda: (m := listener.get_message(timeout=0.1)) and received.append(m)
-               or len(received) == 2, what="both publishes")
-    assert [manager.json.loads(m["data"])["event"] for m in received] == ["first", "second"]
-    listener.close()
-
-
-def test_socketio_listens_in_the_task_it_keeps_as_thread():
-    """manager.PooledRedisManager._redis_connect tells the listener by gevent.getcurrent()."""
-    listened_in = []
+def test_socketio_hands_every_message_between_workers_to_publish():
+    """manager.PooledRedisManager and ChatRedisManager replace `_publish`: emits, disconnects,
+    room changes and callbacks of sids on other workers all go through it as a dict."""
+    published = []
 
     class Manager(socketio.PubSubManager):
-        def _listen(self):
-            listened_in.append(gevent.getcurrent())
-            return iter(())
+        def _publish(self, data):
+            published.append(data)
+
+    manager = Manager(write_only=True)
+    manager.emit("hello", {"a": 1}, namespace="/", room="lobby")
+    manager.enter_room("elsewhere", "/", "lobby")
+    assert [(m["method"], m.get("event"), m["room"]) for m in published] == [
+        ("emit", "hello", "lobby"), ("enter_room", None, "lobby")]
+    assert published[0]["data"] == [{"a": 1}] and published[0]["host_id"] == manager.host_id
+
+
+def test_socketio_starts_the_listener_task_as_thread_and_dispatches_by_method():
+    """manager.ChatRedisManager runs its listeners from `_thread`, which initialize() starts,
+    and dispatches what they hear to the `_handle_<method>` python-socketio's listener calls."""
+    ran_in = []
+
+    class Manager(socketio.PubSubManager):
+        def _thread(self):
+            ran_in.append(gevent.getcurrent())
 
     manager = Manager()
     server = socketio.Server(async_mode="gevent", client_manager=manager)
     server._handle_eio_connect("a", {})
     manager.thread.join(timeout=5)
-    assert listened_in == [manager.thread]
+    assert ran_in == [manager.thread]
+    dispatch = inspect.getsource(socketio.PubSubManager._thread)
+    for method in (*CONTROL_METHODS, "callback"):
+        assert f"self._handle_{method}(data)" in dispatch, method
+        assert callable(getattr(socketio.PubSubManager, f"_handle_{method}"))
 
 
-# --- redis-py: pool.Parser, pool.BlockingPool, sentinel.SentinelPool; the listener's read -------------
+# --- redis-py: pool.Parser, pool.BlockingPool, sentinel.SentinelPool, cluster.NodePool; listeners --
 
 def test_hiredis_parser_keeps_the_socket_and_reader_that_parser_polls(redis_server):
     """pool.Parser polls `_sock` itself unless `_reader.has_data()`."""
@@ -279,20 +274,53 @@ def test_sentinel_pool_takes_draws_and_queue_from_the_blocking_pool():
     assert type(client.connection_pool) is SentinelPool
 
 
-def test_pubsub_listen_yields_subscribe_confirmations_and_pongs(redis_server):
-    """manager.ChatRedisManager counts `subscribe` and `pong` messages of its own pubsub."""
-    pubsub = redis.Redis.from_url(redis_server.url).pubsub()
-    pubsub.subscribe("seams-listen")
+def test_pubsub_listen_yields_shard_confirmations_and_messages(redis_server):
+    """subscriptions.Listener reads `ssubscribe` confirmations, `smessage`s and `message`s of
+    one connection that holds both kinds of subscription; its address is the node's."""
+    pubsub = ListenerPubSub(redis.Redis.from_url(redis_server.url).connection_pool)
+    pubsub.ssubscribe(b"seams-{room}:live")
+    pubsub.subscribe("seams-all")
     messages = pubsub.listen()
-    first = next(messages)
-    assert (first["type"], first["channel"]) == ("subscribe", b"seams-listen")
-    pubsub.ping()
-    assert next(messages)["type"] == "pong"
-    redis.Redis.from_url(redis_server.url).publish("seams-listen", "hello")
-    assert next(messages)["data"] == b"hello"
+    assert [(m["type"], m["channel"]) for m in (next(messages), next(messages))] == [
+        ("ssubscribe", b"seams-{room}:live"), ("subscribe", b"seams-all")]
+    publisher = redis.Redis.from_url(redis_server.url)
+    assert publisher.spublish("seams-{room}:live", "to the room") == 1
+    publisher.publish("seams-all", "to all")
+    assert [(m["type"], m["data"]) for m in (next(messages), next(messages))] == [
+        ("smessage", b"to the room"), ("message", b"to all")]
+    pubsub.sunsubscribe(b"seams-{room}:live")
+    assert (next(messages)["type"], publisher.spublish("seams-{room}:live", "gone")) == (
+        "sunsubscribe", 0)
     assert (pubsub.connection.host, pubsub.connection.port) == (
         "127.0.0.1", int(redis_server.url.rsplit(":", 1)[1].split("/")[0]))
     pubsub.close()
+
+
+def test_pubsub_subscribes_again_through_on_connect():
+    """subscriptions.ListenerPubSub silences on_connect, the callback through which redis-py
+    re-sends every subscription (shard channels in one SSUBSCRIBE) after a reconnection."""
+    assert "register_connect_callback(self.on_connect)" in inspect.getsource(
+        redis.client.PubSub.execute_command)
+    assert "_resubscribe_shard_channels" in inspect.getsource(redis.client.PubSub.on_connect)
+    assert params(redis.client.PubSub.on_connect) == ["self", "connection"]
+
+
+def test_cluster_client_builds_node_pools_of_our_class(redis_cluster):
+    """cluster.NodePool is the pool of every node (RedisCluster passes `connection_pool_class`
+    only with a URL), and subscriptions.Subscriptions reads the slot map through
+    get_primaries(), get_node_from_key() and nodes_manager.initialize()."""
+    client = redis_client(redis_cluster.url, 3)
+    masters = client.get_primaries()
+    assert len(masters) == 3
+    for node in masters:
+        pool = node.redis_connection.connection_pool
+        assert type(pool) is NodePool and pool.max_connections == 3
+        assert pool.connection_kwargs["parser_class"] is Parser
+    assert client.get_node_from_key("{room}:x").name in {node.name for node in masters}
+    client.nodes_manager.initialize()
+    assert {node.name for node in client.get_primaries()} == {node.name for node in masters}
+    assert client.get_node_from_key("x").redis_connection.ping()
+    client.close()
 
 
 class NamedMaster(redis.sentinel.Sentinel):

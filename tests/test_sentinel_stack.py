@@ -302,10 +302,11 @@ def test_the_topology_does_not_change_under_a_running_stack(stack):
 
 
 def test_a_topology_that_is_not_known_is_refused(service_tmp):
-    stack = Stack(service_tmp / "var", topology="cluster")
+    stack = Stack(service_tmp / "var", topology="ring")
     result = stack.script("configure", check=False)
     assert result.returncode == 1
-    assert "configure: REDIS_TOPOLOGY must be single (one Redis) or sentinel" in result.stderr
+    assert "configure: REDIS_TOPOLOGY must be single (one Redis), sentinel (a master, two replicas, three" \
+        " Sentinels) or cluster (three masters, three replicas), got 'ring'" in result.stderr
     assert not (service_tmp / "var/stack.env").exists()
 
 

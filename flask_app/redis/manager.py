@@ -106,9 +106,6 @@ class ChatRedisManager(PooledRedisManager):
         except redis.RedisError as exc:
             log.warning("cannot publish %s to %s's other workers: %s", event, room, exc)
 
-    def _publish(self, data):
-        return self.subscriptions.publish_to_all(self.json.dumps(data))
-
     def received(self, data):
         """Act on a message a listener heard, as python-socketio's listener does."""
         self.metrics.pubsub_messages.inc()

@@ -4,7 +4,9 @@ Each room has a shard channel in its stream's slot (keys.room_channel). A worker
 it (SSUBSCRIBE) while the room has members here, and drops it UNSUBSCRIBE_GRACE seconds after
 the last one left. A Listener, one pub/sub connection to one Redis node, holds the channels of
 the rooms that node serves: one listener with a single Redis or Sentinel, one per master with a
-cluster, so a node that fails stalls only its own rooms. Traffic for every worker (python-
+cluster, so a node that fails stalls only its own rooms (redis-py's ClusterPubSub reads its
+nodes in turn from one loop, each read with a timeout: one node that does not answer delays
+every other node's messages). Traffic for every worker (python-
 socketio's control messages, announcements to all, emitters outside the workers) stays on the
 classic channel, which one listener subscribes to.
 
@@ -24,6 +26,7 @@ import time
 import gevent
 import gevent.event
 import redis
+import redis.client
 
 from .pool import COMMAND_TIMEOUT
 
@@ -33,6 +36,19 @@ UNSUBSCRIBE_GRACE = 2.0  # seconds a room without members here stays subscribed
 PROBE_EVERY = 2.0
 PROBE_LIMIT = 5.0
 RETRY_FIRST, RETRY_MAX = 0.5, 5.0  # seconds between attempts to subscribe again
+
+
+class ListenerPubSub(redis.client.PubSub):
+    """redis-py's PubSub, not subscribing again by itself when its connection reconnects.
+
+    redis-py reconnects a pub/sub connection that failed, and subscribes it again to every
+    shard channel in one SSUBSCRIBE, which a cluster node refuses (CROSSSLOT) when they span
+    slots; the error comes after it anyway. The Listener subscribes again itself, one channel
+    a command, on the node the slot map names.
+    """
+
+    def on_connect(self, connection):
+        pass
 
 
 class Listener:
@@ -143,7 +159,7 @@ class Listener:
                 self.subscriptions.lost(self)
 
     def _subscribe(self):
-        self.pubsub = pubsub = self.client.pubsub()
+        self.pubsub = pubsub = ListenerPubSub(self.client.connection_pool)
         pubsub.ssubscribe(self.probe_channel)
         if self.global_channel is not None:
             pubsub.subscribe(self.global_channel)
@@ -221,17 +237,10 @@ class Subscriptions:
             raise redis.TimeoutError(f"Redis did not confirm the subscription to {room} "
                                      f"within {COMMAND_TIMEOUT} s")
 
-    def held(self):
-        return set(self.rooms)
-
     def listening(self):
         """Whether every listener hears its probe."""
         return bool(self.listeners) and all(
             listener.listening() for listener in self.listeners.values())
-
-    def publish_to_all(self, data):
-        """Publish on the classic channel, where every worker listens; return how many heard."""
-        return publish_to_all(self.redis, self.channel, data)
 
     def received(self, data):
         self.manager.received(data)
@@ -249,7 +258,7 @@ class Subscriptions:
         try:
             self.redis.nodes_manager.initialize()
             self._place_listeners()
-        except redis.RedisError as exc:
+        except (redis.RedisError, redis.exceptions.RedisClusterException) as exc:
             log.warning("cannot read the cluster's slot map yet: %s", exc)
         finally:
             self.rebalancing = None
