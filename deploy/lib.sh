@@ -9,6 +9,8 @@ say() { echo "$script: $*"; }
 die() { echo "$script: $*" >&2; exit 1; }
 # a wrong command line: the reason, then the usage (each script defines `usage`)
 usage_error() { echo "$script: $*" >&2; usage >&2; exit 2; }
+# a setting that cannot be read (a malformed address, list or role): exit 2, as a wrong command line
+bad_setting() { echo "$script: $*" >&2; exit 2; }
 
 # var/stack.env holds one KEY=VALUE a line after this header, read literally: a value is never
 # evaluated, so it may hold quotes, $(...), backticks or spaces (not a newline).
@@ -79,7 +81,7 @@ sentinel_service=scalechat
 
 # The embedded Redis Cluster (REDIS_TOPOLOGY=cluster): nodes redis-0..5 on REDIS_PORT to +5.
 cluster_nodes=6
-embedded_cluster() { [ -z "$EXTERNAL_REDIS_URL" ] && [ "$REDIS_TOPOLOGY" = cluster ]; }
+embedded_cluster() { [ -z "$EXTERNAL_REDIS_URL" ] && [ "$REDIS_TOPOLOGY" = cluster ] && [ "$WORKERS" != 0 ]; }
 # cluster_cli HOST:PORT ARGS...: redis-cli to one cluster node, with the stack's password
 cluster_cli() { redis_cli -h "${1%:*}" -p "${1##*:}" "${@:2}"; }
 # cluster_info_field HOST:PORT FIELD: one field of the node's CLUSTER INFO (empty if it does not answer)
@@ -116,6 +118,22 @@ if isinstance(target, SentinelURL):
     read -ra sentinels; } <<<"$parsed"
 }
 
+# read_cluster_url URL: when URL names a Redis Cluster (redis+cluster://), set `cluster_seeds`
+# (host:port ...), `redis_user` and `redis_password` as the workers read them; return 1 otherwise.
+read_cluster_url() {
+  local parsed
+  parsed="$("$root/.venv/bin/python" -c '
+import sys
+from flask_app.redis.urls import ClusterURL, parse_url
+target = parse_url(sys.argv[1])
+if isinstance(target, ClusterURL):
+    print(target.username or "", target.password or "", sep="\n")
+    print(" ".join(f"{host}:{port}" for host, port in target.nodes))
+' "$1")" || die "REDIS_URL is not a Redis URL scalechat reads (see docs/operations.md)"
+  [ -n "$parsed" ] || return 1
+  { IFS= read -r redis_user; IFS= read -r redis_password; read -ra cluster_seeds; } <<<"$parsed"
+}
+
 # sentinel_master: print "HOST PORT" of the master, as the first Sentinel that answers names it.
 sentinel_master() {
   local address answer
@@ -133,9 +151,23 @@ program_running() { ctl status "$1" 2>/dev/null | grep -q ' RUNNING '; }
 worker_name() { printf 'worker-%02d' "$1"; }
 worker_port() { echo $((WORKER_PORT_BASE + $1)); }
 
+# Where this host's programs are reached from the host itself: a wildcard bind (0.0.0.0, *, ::)
+# answers on loopback; an IPv6 address goes in [] in a URL.
+reach_address() {
+  case "$1" in 0.0.0.0|'*'|'') echo 127.0.0.1 ;; ::|'[::]') echo ::1 ;; *) echo "$1" ;; esac
+}
+url_host() { if [[ "$1" == *:* ]]; then echo "[$1]"; else echo "$1"; fi; }
+worker_address() { reach_address "${WORKER_HOST:-127.0.0.1}"; }
+worker_url() { echo "http://$(url_host "$(worker_address)"):$(worker_port "$1")"; }
+proxy_url() { echo "http://$(url_host "$(reach_address "$PUBLIC_BIND")"):$PORT"; }
+# This host's roles (deploy/configure): HAProxy runs unless PROXY_SERVERS=none; its backend
+# is this host's workers unless PROXY_SERVERS lists other hosts' workers.
+runs_proxy() { [ "${SCALECHAT_PROXY_PROCS:-1}" = 1 ]; }
+proxies_local_workers() { runs_proxy && [ "${PROXY_SERVERS:-local}" = local ]; }
+
 http_ok() { curl -fsS -o /dev/null --max-time 2 "$1" 2>/dev/null; }
 
-port_taken() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+port_taken() { (exec 3<>"/dev/tcp/${2:-127.0.0.1}/$1") 2>/dev/null; }  # PORT [ADDRESS]
 
 # wait_for SECONDS WHAT COMMAND...: poll COMMAND until it succeeds, or fail naming WHAT.
 wait_for() {

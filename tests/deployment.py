@@ -85,9 +85,13 @@ class Stack:
         self.open_files = open_files
         self.as_user = as_user
 
+    def command(self, name, *args):
+        """The command line of deploy/<name>: where and how the stack's scripts run."""
+        return [str(ROOT / "deploy" / name), *args]
+
     def script(self, name, *args, check=True, timeout=180):
         """Run deploy/<name> (as `as_user`, under an `open_files` limit, when the stack has them)."""
-        command = [str(ROOT / "deploy" / name), *args]
+        command = self.command(name, *args)
         if self.as_user:
             command = ["setpriv", f"--reuid={self.as_user}", f"--regid={self.as_user}",
                        "--init-groups", "--", *command]

@@ -16,8 +16,11 @@ import threading
 import uuid
 
 import pytest
+import redis
+from redis.crc import key_slot
 
 from conftest import BIN, ROOT, Worker, wait_until
+from deployment import Stack
 
 HOST_NAMES = "abcdefgh"
 
@@ -205,3 +208,123 @@ class HostWorker(Worker):
         wait_until(self._answers if wait_healthy else self._listening, timeout=20,
                    what=f"worker {self.worker_id} on {self.host}:{self.port}")
         return self
+
+
+class HostStack(Stack):
+    """A host's part of the stack, run by the deploy scripts inside the host's namespace, with
+    its own var/ and the ports of a host of its own."""
+
+    PORTS = {"PORT": "8000", "WORKER_PORT_BASE": "8001", "STATS_PORT": "8404",
+             "METRICS_PORT": "9105", "REDIS_EXPORTER_PORT": "9122", "REDIS_PORT": "6380",
+             "SENTINEL_PORT": "26380"}
+
+    def __init__(self, hosts, host, var, **settings):
+        super().__init__(var, workers=int(settings.pop("WORKERS", 1)))
+        self.hosts, self.host = hosts, host
+        self.env.update(self.PORTS, WORKERS=str(self.workers), **settings)
+        self.address = hosts.address(host)
+        self.url = f"http://{self.address}:{self.env['PORT']}"
+
+    def command(self, name, *args):
+        return ["ip", "netns", "exec", self.hosts.namespace(self.host), *super().command(name, *args)]
+
+    def worker_servers(self):
+        """This host's workers as a proxy on another host lists them (PROXY_SERVERS)."""
+        base = int(self.env["WORKER_PORT_BASE"])
+        return [f"{self.address}:{base + n}" for n in range(self.workers)]
+
+
+class HostedCluster:
+    """A Redis Cluster over hosts a, b and c: shard N's master on the Nth host (port 7000), its
+    two replicas on the other two (ports 7001, 7002), so that any one host lost leaves every
+    shard a master and a replica. Nodes refuse writes without a replica, as deployed ones do;
+    a small node timeout keeps a failover short."""
+
+    MASTER_PORT = 7000
+    NODE_TIMEOUT_MS = 2000
+
+    def __init__(self, hosts, directory):
+        self.hosts, self.directory = hosts, directory
+        self.masters = {host: (host, self.MASTER_PORT) for host in hosts.names}
+        self.replicas = {}  # (host, port) of a replica -> (host, port) of its first master
+        for n, host in enumerate(hosts.names):
+            others = [hosts.names[(n + k) % 3] for k in (1, 2)]
+            for port, other in zip((self.MASTER_PORT + 1, self.MASTER_PORT + 2), others):
+                self.replicas[(other, port)] = (host, self.MASTER_PORT)
+        self.procs = []
+        self.url = "redis+cluster://" + ",".join(
+            f"{hosts.address(host)}:{self.MASTER_PORT}" for host in hosts.names)
+
+    def client(self, node):
+        host, port = node
+        return redis.Redis(host=self.hosts.address(host), port=port, socket_timeout=5,
+                           socket_connect_timeout=2, decode_responses=True)
+
+    def nodes(self):
+        return [*self.masters.values(), *self.replicas]
+
+    def start(self):
+        for host, port in self.nodes():
+            directory = self.directory / f"redis-{host}-{port}"
+            directory.mkdir()
+            self.procs.append(self.hosts.run(host, [
+                "redis-server", "--port", str(port), "--bind", self.hosts.address(host),
+                "--protected-mode", "no", "--dir", str(directory), "--save", "", "--appendonly", "no",
+                "--cluster-enabled", "yes", "--cluster-node-timeout", str(self.NODE_TIMEOUT_MS),
+                "--min-replicas-to-write", "1", "--min-replicas-max-lag", "10",
+                "--repl-diskless-sync-delay", "0"],
+                stdout=open(directory / "redis.log", "ab"), stderr=subprocess.STDOUT))
+        for node in self.nodes():
+            wait_until(lambda: self._answers(node), what=f"redis {node}")
+        created = subprocess.run(
+            ["redis-cli", "--cluster", "create", "--cluster-replicas", "0", "--cluster-yes",
+             *(f"{self.hosts.address(host)}:{port}" for host, port in self.masters.values())],
+            capture_output=True, text=True, timeout=60)
+        assert created.returncode == 0, created.stdout + created.stderr
+        first = self.client(self.masters[self.hosts.names[0]])
+        for replica, master in self.replicas.items():
+            master_id = self.client(master).execute_command("CLUSTER", "MYID")
+            node = self.client(replica)
+            node.execute_command("CLUSTER", "MEET", self.hosts.address(master[0]), master[1])
+            wait_until(lambda: master_id in node.execute_command("CLUSTER", "NODES"),
+                       what=f"{replica} to learn of {master}")
+            node.execute_command("CLUSTER", "REPLICATE", master_id)
+        wait_until(lambda: self.settled(), timeout=30, what="every shard to have two replicas in sync")
+        assert first.cluster("info")["cluster_state"] == "ok"
+        return self
+
+    def _answers(self, node):
+        try:
+            return self.client(node).ping()
+        except redis.ConnectionError:
+            return False
+
+    def settled(self):
+        """Every node sees the cluster ok, and every master two online replicas."""
+        try:
+            if any(self.client(node).cluster("info")["cluster_state"] != "ok" for node in self.nodes()):
+                return False
+            for master in self.masters.values():
+                replication = self.client(master).info("replication")
+                online = [value for key, value in replication.items()
+                          if key.startswith("slave") and isinstance(value, dict)
+                          and value.get("state") == "online"]
+                if replication["role"] != "master" or len(online) != 2:
+                    return False
+        except redis.RedisError:
+            return False
+        return True
+
+    def master_of(self, key, seen_from):
+        """The client of the node `seen_from` names master of `key`'s slot."""
+        slot = key_slot(key.encode())
+        for start, end, (address, port, *_), *_ in self.client(seen_from).execute_command("CLUSTER", "SLOTS"):
+            if start <= slot <= end:
+                return redis.Redis(host=address, port=port, socket_timeout=5, decode_responses=True)
+        raise AssertionError(f"no node serves slot {slot}")
+
+    def stop(self):
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()

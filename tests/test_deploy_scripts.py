@@ -16,7 +16,7 @@ as_root_only = pytest.mark.skipif(os.getuid() != 0, reason="only root hands the 
 def configure(var, **settings):
     env = {key: value for key, value in os.environ.items()
            if not key.startswith(("SCALECHAT_", "REDIS_", "PROXY_"))}
-    env.update(SCALECHAT_VAR=str(var), WORKERS="2", **settings)
+    env.update({"SCALECHAT_VAR": str(var), "WORKERS": "2", **settings})
     return subprocess.run([str(ROOT / "deploy/configure")], env=env, capture_output=True, text=True,
                           timeout=60)
 
@@ -162,3 +162,91 @@ def test_the_systemd_unit_verifies(tmp_path):
                             text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert "scalechat.service" not in result.stderr, result.stderr
+
+
+def test_the_scripts_read_a_sentinel_url_as_the_workers_do():
+    """deploy/status and deploy/backup find the Sentinels and the password in REDIS_URL."""
+    result = subprocess.run(
+        ["bash", "-c", '. deploy/lib.sh; read_sentinel_url "$1"; '
+                       'echo "$sentinel_name|$redis_user|$redis_password|${sentinels[*]}"', "-",
+         "redis+sentinel://:p%40ss@10.0.0.1:26379,10.0.0.2:26380/0/chat"],
+        cwd=ROOT, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "chat||p@ss|10.0.0.1:26379 10.0.0.2:26380\n"
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"PROXY_SERVERS": "10.0.0.2:8001,10.0.0.3"},
+     "'10.0.0.3' is not IP:port"),
+    ({"PROXY_SERVERS": "10.0.0.2:8001,,10.0.0.3:8001"},
+     "PROXY_SERVERS has an empty entry: list IP:port,IP:port, got '10.0.0.2:8001,,10.0.0.3:8001'"),
+    ({"PROXY_SERVERS": "10.0.0.2:8001,"}, "PROXY_SERVERS has an empty entry"),
+    ({"PROXY_SERVERS": "10.0.0.2:70000"}, "'10.0.0.2:70000' is not IP:port"),
+    ({"PROXY_SERVERS": "10.0.0.256:8001"}, "'10.0.0.256:8001' is not IP:port"),
+    ({"PROXY_SERVERS": "workers.internal:8001"}, "'workers.internal:8001' is not IP:port"),
+    ({"PROXY_SERVERS": "fd00::2:8001"}, "'fd00::2:8001' is not IP:port"),
+    ({"PROXY_SERVERS": "10.0.0.2:8001, 10.0.0.2:8001"}, "PROXY_SERVERS lists 10.0.0.2:8001 twice"),
+    ({"WORKER_HOST": "10.0.0"}, "WORKER_HOST must be an IP address such as 127.0.0.1 or 10.0.0.2, got '10.0.0'"),
+    ({"WORKER_HOST": "worker-a"}, "got 'worker-a'"),
+    ({"WORKERS": "0"}, "WORKERS=0 leaves the proxy no workers of this host"),
+    ({"WORKERS": "0", "PROXY_SERVERS": "none"}, "WORKERS=0 with PROXY_SERVERS=none leaves this host nothing to run"),
+])
+def test_configure_refuses_roles_it_cannot_read(service_tmp, settings, message):
+    var = service_tmp / "var"
+    result = configure(var, **settings)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr
+    assert not (var / "stack.env").exists()
+
+
+def test_a_proxy_host_sends_to_other_hosts_workers_and_runs_no_redis(service_tmp):
+    var = service_tmp / "var"
+    result = configure(var, WORKERS="0", PUBLIC_BIND="0.0.0.0",
+                       PROXY_SERVERS="10.0.0.2:8001, 10.0.0.2:8002,10.0.0.3:8001,[fd00::4]:8001")
+    assert result.returncode == 0, result.stderr
+    assert "proxy on 0.0.0.0:8000 in front of 4 workers" in result.stdout
+    assert "no Redis on this host" in result.stdout
+    servers = [line.split() for line in (var / "haproxy.cfg").read_text().splitlines()
+               if line.strip().startswith("server ")]
+    assert [server[1:3] for server in servers] == [
+        ["10.0.0.2:8001", "10.0.0.2:8001"], ["10.0.0.2:8002", "10.0.0.2:8002"],
+        ["10.0.0.3:8001", "10.0.0.3:8001"], ["fd00::4:8001", "[fd00::4]:8001"]]
+    assert all(server[3] == "cookie" and server[5:] == ["check", "tcp-ut", "5s"] for server in servers)
+    cookies = {server[2]: server[4] for server in servers}
+    assert len(set(cookies.values())) == 4
+    check = subprocess.run(["haproxy", "-c", "-f", str(var / "haproxy.cfg")], capture_output=True,
+                           text=True, timeout=30)
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert (loaded(var, "SCALECHAT_REDIS_PROCS"), loaded(var, "SCALECHAT_EXPORTER_PROCS"),
+            loaded(var, "SCALECHAT_PROXY_PROCS"), loaded(var, "REDIS_URL")) == ("0", "0", "1", "")
+    assert (var / "supervisor/workers.conf").read_text().count("[program:") == 0
+
+    # another proxy listing the same workers in another order sends each client to the same one
+    other = service_tmp / "other"
+    assert configure(other, WORKERS="0", PROXY_SERVERS="[fd00::4]:8001,10.0.0.3:8001,"
+                     "10.0.0.2:8002,10.0.0.2:8001").returncode == 0
+    assert {line.split()[2]: line.split()[4] for line in (other / "haproxy.cfg").read_text().splitlines()
+            if line.strip().startswith("server ")} == cookies
+
+
+@pytest.mark.parametrize("redis_url", [
+    "redis://:pw@10.0.0.3:6379/0",
+    "redis+sentinel://:pw@10.0.0.2:26379,10.0.0.3:26379,10.0.0.4:26379/0/scalechat",
+    "redis+cluster://:pw@10.0.0.2:7000,10.0.0.3:7000",
+])
+def test_a_worker_host_serves_another_hosts_proxy_from_an_external_redis(service_tmp, redis_url):
+    var = service_tmp / "var"
+    result = configure(var, REDIS_URL=redis_url, WORKER_HOST="10.0.0.2", PROXY_SERVERS="none",
+                       REDIS_TOPOLOGY="sentinel")
+    assert result.returncode == 0, result.stderr
+    assert "2 workers on 10.0.0.2 ports 8001-8002" in result.stdout
+    assert "no proxy on this host" in result.stdout
+    workers = (var / "supervisor/workers.conf").read_text()
+    assert "scalechat-worker --host 10.0.0.2 --port 8001\n" in workers
+    assert 'environment=SCALECHAT_WORKER_ID="worker-01@10.0.0.2"' in workers
+    assert not (var / "haproxy.cfg").exists()
+    assert not (var / "supervisor/redis-sentinel.conf").exists()
+    assert (loaded(var, "SCALECHAT_REDIS_PROCS"), loaded(var, "SCALECHAT_EXPORTER_PROCS"),
+            loaded(var, "SCALECHAT_PROXY_PROCS"), loaded(var, "REDIS_URL")) == ("0", "0", "0", redis_url)
+    assert configure(var).returncode == 0  # kept in stack.env
+    assert loaded(var, "WORKER_HOST") == "10.0.0.2" and loaded(var, "PROXY_SERVERS") == "none"
