@@ -95,10 +95,13 @@ class RedisServer:
 
 
 class HoldingProxy:
-    """A TCP proxy in front of Redis that can hold one chosen command until told to go on.
+    """A TCP proxy in front of Redis that can hold one chosen command until told to go on, or
+    silence the subscriptions it carries.
 
     `hold(match)` arms it: the next chunk a client sends for which `match(chunk)` is true waits
     (`holding` is set) until `release()`; `answered` is set once Redis has replied to it.
+    `mute_subscriptions()` drops from then on what Redis sends to the connections that have
+    subscribed (SSUBSCRIBE) so far, keeping them open.
     """
 
     def __init__(self, upstream_port):
@@ -108,6 +111,7 @@ class HoldingProxy:
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.match = None
         self.holding, self.released, self.answered = (threading.Event() for _ in range(3))
+        self.subscribed, self.muted = [], set()
         self.sockets = [self.listener]
         threading.Thread(target=self._accept, daemon=True).start()
 
@@ -116,6 +120,9 @@ class HoldingProxy:
 
     def release(self):
         self.released.set()
+
+    def mute_subscriptions(self):
+        self.muted.update(self.subscribed)
 
     def _accept(self):
         while True:
@@ -140,7 +147,10 @@ class HoldingProxy:
                     held.set()
                     self.holding.set()
                     self.released.wait()
-                target.sendall(chunk)
+                if to_redis and b"SSUBSCRIBE" in chunk.upper():
+                    self.subscribed.append(source)
+                if to_redis or target not in self.muted:
+                    target.sendall(chunk)
                 if not to_redis and held.is_set() and self.released.is_set():
                     self.answered.set()
             except OSError:

@@ -1,9 +1,7 @@
 """Recovery and protection: resuming after a reconnect, Redis outages, graceful stops, limits."""
 import json
 import signal
-import socket
 import subprocess
-import threading
 import time
 
 import pytest
@@ -12,7 +10,7 @@ import requests
 import socketio
 import websocket
 
-from conftest import BIN, RedisServer, free_port, wait_until
+from conftest import BIN, HoldingProxy, RedisServer, free_port, wait_until
 from flask_app.keys import Keys
 from flask_app.redis.pool import blocking_pool
 
@@ -383,57 +381,11 @@ def test_at_the_memory_bound_sends_are_refused_and_nothing_unstored_is_acked(
         server.stop()
 
 
-class MutingProxy:
-    """A TCP proxy in front of Redis that can silence the subscriptions it carries: the
-    connections that subscribed keep open, but what Redis sends them is dropped."""
-
-    def __init__(self, upstream_port):
-        self.upstream_port = upstream_port
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.url = f"redis://127.0.0.1:{self.listener.getsockname()[1]}/0"
-        self.subscribed, self.muted = [], set()
-        self.sockets = [self.listener]
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def mute_subscriptions(self):
-        self.muted.update(self.subscribed)
-
-    def _accept(self):
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            server = socket.create_connection(("127.0.0.1", self.upstream_port))
-            self.sockets += [client, server]
-            threading.Thread(target=self._pump, args=(client, server, client), daemon=True).start()
-            threading.Thread(target=self._pump, args=(server, client, client), daemon=True).start()
-
-    def _pump(self, source, target, client):
-        while True:
-            try:
-                chunk = source.recv(65536)
-                if not chunk:
-                    break
-                if source is client and b"SSUBSCRIBE" in chunk.upper():
-                    self.subscribed.append(client)
-                if source is client or client not in self.muted:
-                    target.sendall(chunk)
-            except OSError:
-                break
-        for sock in (source, target):
-            sock.close()
-
-    def close(self):
-        for sock in self.sockets:
-            sock.close()
-
-
 def test_a_subscription_that_silently_stops_is_noticed_and_replayed(redis_server, worker_factory,
                                                                      clients, room):
     """The worker's probe through the publish path does not come back: it subscribes again and
     delivers what its members missed, without them reconnecting."""
-    proxy = MutingProxy(redis_server.port)
+    proxy = HoldingProxy(redis_server.port)
     try:
         direct = worker_factory("direct")
         silenced = worker_factory("silenced", redis_url=proxy.url)
