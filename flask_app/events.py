@@ -247,4 +247,3 @@ class ChatNamespace(socketio.Namespace):
             self.server.manager.emit_to_room(
                 "presence", {"room": room, "user": user.name, "user_id": user.id,
                              "state": "leave"}, room)
-
