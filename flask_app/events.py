@@ -158,8 +158,7 @@ class ChatNamespace(socketio.Namespace):
         client_id = validation.client_id(data.get("client_id"))
         conn = self._member(sid, room)
         self.metrics.received.inc()
-        with self.metrics.redis_timer("append"):
-            message_id, stored = self.store.append(room, conn.user, text, client_id)
+        message_id, stored = self.store.append(room, conn.user, text, client_id)
         if stored:
             self.metrics.stored.inc()
         return {"ok": True, "id": message_id}
@@ -201,6 +200,7 @@ class ChatNamespace(socketio.Namespace):
         deadline = time.monotonic() + self.config.drain_timeout
         while self.in_flight and time.monotonic() < deadline:
             gevent.sleep(0.05)
+        self.metrics.flush()
         return self.in_flight
 
     def _check_rate(self, sid):
@@ -232,9 +232,11 @@ class ChatNamespace(socketio.Namespace):
         return conn
 
     def start_background(self):
-        """Start what runs beside the handlers: the Redis listener and the presence heartbeat."""
+        """Start what runs beside the handlers: the Redis listener, the presence heartbeat and
+        the metrics' flush."""
         self.server.start_manager()
         self.presence.start_heartbeat(self._on_heartbeat)
+        self.metrics.start_flushing()
 
     def _on_heartbeat(self, gone):
         for room, users in gone.items():

@@ -3,12 +3,14 @@
 With PROMETHEUS_MULTIPROC_DIR set (deploy/configure sets it to var/metrics), every worker
 writes its samples there, and `scalechat serve-metrics` (`serve`) answers a scrape for the
 whole host on 127.0.0.1. Workers serve no metrics: their port is the public one.
-Gauges count only live workers: a restarted worker removes the files of dead ones.
+Gauges count only live workers: a restarted worker removes the files of dead ones. The counts
+made once per message reach the scrape within FLUSH_EVERY.
 """
 import glob
 import os
 import re
 
+import gevent
 from prometheus_client import (REGISTRY, CollectorRegistry, Counter, Gauge, Histogram,
                                multiprocess, start_http_server)
 
@@ -42,21 +44,64 @@ REDIS_SECONDS = Histogram("scalechat_redis_seconds", "Redis round trips by opera
                                                   .05, .1, .25, 1))
 
 
+FLUSH_EVERY = 1.0  # seconds between two additions of the per-message counts to their samples
+
+
+class Tally:
+    """A counter counted once per message, added to its shared sample every FLUSH_EVERY
+    seconds: each update of a multiprocess sample takes a lock and writes to a memory map,
+    and a busy worker makes several a message."""
+
+    __slots__ = ("counter", "pending")
+
+    def __init__(self, counter):
+        self.counter = counter
+        self.pending = 0
+
+    def inc(self, amount=1):
+        self.pending += amount
+
+    def flush(self):
+        if self.pending:
+            self.counter.inc(self.pending)
+            self.pending = 0
+
+
 class WorkerMetrics:
     """The metrics above, bound to this worker's label once rather than on every event."""
 
     def __init__(self, worker_id):
         self.worker_id = worker_id
         for name, metric in (("connected", CONNECTED), ("rooms", ROOMS), ("connects", CONNECTS),
-                             ("refused", REFUSED), ("joins", JOINS), ("received", RECEIVED),
-                             ("stored", STORED), ("deliveries", DELIVERIES),
+                             ("refused", REFUSED), ("joins", JOINS),
                              ("rate_limit_disconnects", RATE_LIMIT_DISCONNECTS),
-                             ("resubscribes", RESUBSCRIBES),
-                             ("pubsub_messages", PUBSUB_MESSAGES)):
+                             ("resubscribes", RESUBSCRIBES)):
             setattr(self, name, metric.labels(worker_id))
+        self.tallies = []
+        for name, metric in (("received", RECEIVED), ("stored", STORED),
+                             ("deliveries", DELIVERIES), ("pubsub_messages", PUBSUB_MESSAGES)):
+            tally = Tally(metric.labels(worker_id))
+            self.tallies.append(tally)
+            setattr(self, name, tally)
+        self._flushing = None
         self._errors = {}
         self._handlers = {}
         self._redis = {}
+
+    def flush(self):
+        """Add the tallies to their samples: the scrape sees them."""
+        for tally in self.tallies:
+            tally.flush()
+
+    def start_flushing(self):
+        """Flush every FLUSH_EVERY seconds in a background greenlet, once."""
+        if self._flushing is None:
+            self._flushing = gevent.spawn(self._flush_forever)
+
+    def _flush_forever(self):
+        while True:
+            gevent.sleep(FLUSH_EVERY)
+            self.flush()
 
     def error_ack(self, code):
         counter = self._errors.get(code)
@@ -70,12 +115,16 @@ class WorkerMetrics:
             histogram = self._handlers[event] = HANDLER_SECONDS.labels(event)
         return histogram
 
-    def redis_timer(self, operation):
-        """Time a Redis round trip: `with metrics.redis_timer("append"): ...`."""
+    def redis_seconds(self, operation):
+        """The histogram of an operation's Redis round trips."""
         histogram = self._redis.get(operation)
         if histogram is None:
             histogram = self._redis[operation] = REDIS_SECONDS.labels(operation)
-        return histogram.time()
+        return histogram
+
+    def redis_timer(self, operation):
+        """Time a Redis round trip: `with metrics.redis_timer("join"): ...`."""
+        return self.redis_seconds(operation).time()
 
 
 def multiprocess_dir():

@@ -30,11 +30,13 @@ class Services:
         """Build every component; Redis is only connected on first use."""
         client = redis_client(config.redis_url, config.redis_pool, decode_responses=True)
         keys = Keys(config.key_prefix)
+        metrics = WorkerMetrics(config.worker_id)
         return cls(config=config, redis=client,
                    tokens=Tokens(config),
-                   store=MessageStore(client, keys, config),
+                   store=MessageStore(client, keys, config,
+                                      observe=metrics.redis_seconds("append").observe),
                    presence=Presence(client, keys, config.presence_ttl),
-                   metrics=WorkerMetrics(config.worker_id))
+                   metrics=metrics)
 
 
 def get_services():

@@ -3,6 +3,8 @@ import time
 
 import redis
 
+from .redis.batching import Batcher
+
 # The host_id of the messages the script below publishes: no worker has it, so every
 # worker delivers them, the sender's included.
 STORE_HOST_ID = "scalechat-store"
@@ -103,19 +105,23 @@ TOUCHED_MAX = 10_000  # rooms remembered before the record starts afresh
 class MessageStore:
     """The messages of every room, one bounded stream per room."""
 
-    def __init__(self, redis, keys, config):
+    def __init__(self, redis, keys, config, observe=None):
         self.redis = redis
         self.keys = keys
         self.config = config
         self._append = redis.register_script(APPEND_AND_PUBLISH)
         self._keep_ids_after = redis.register_script(KEEP_IDS_AFTER)
         self._touched = {}  # room -> when this worker last recorded activity there
+        self._batchers = {}  # Redis node name (None for one Redis) -> its Batcher
+        self.observe = observe  # called with the seconds of each round trip of stores
 
     def append(self, room, user, text, client_id):
         """Store a message of `user` and broadcast it to the room; return (id, stored_now).
 
         A retry with the same client_id is recognised for at least SCALECHAT_DEDUP_TTL: records
-        are kept in one hash per period of that length, until the next period ends.
+        are kept in one hash per period of that length, until the next period ends. The script
+        shares its round trip with the other sends of the moment to the same Redis node
+        (batching.py); with SCALECHAT_MIN_REPLICAS, so does the WAIT that follows them.
         """
         period = int(time.time()) // self.config.dedup_ttl
         keys = [self.keys.room_stream(room),
@@ -123,45 +129,45 @@ class MessageStore:
                 self.keys.room_channel(room)]
         args = [self.config.history_maxlen, (period + 2) * self.config.dedup_ttl,
                 room, user.name, text, client_id, STORE_HOST_ID, user.id]
-        if not self.config.min_replicas:
-            message_id, created = self._append(keys=keys, args=args)
-        else:
-            message_id, created = self._append_replicated(keys, args)
-        return message_id, bool(created)
-
-    def _append_replicated(self, keys, args):
-        """Store, then WAIT on the same connection until enough replicas have the write.
-
-        Not while Sentinel fails the master over: its other replica acknowledges writes
-        until Sentinel moves it to the new master, which never gets them. On a cluster, the
-        WAIT goes to the master of the room's slot.
-        """
+        # Not while Sentinel fails the master over: its other replica acknowledges writes
+        # until Sentinel moves it to the new master, which never gets them.
         watch = getattr(getattr(self.redis, "connection_pool", None), "watch", None)
-        cluster = isinstance(self.redis, redis.RedisCluster)
         for _ in range(2):
             if watch is not None and watch.under_way:
                 raise NotReplicated("Sentinel is failing over the master")
             begun = watch.begun if watch is not None else 0
-            client = self.redis.get_node_from_key(keys[0]).redis_connection if cluster \
-                else self.redis
-            pipe = client.pipeline(transaction=False)  # one connection for both
-            pipe.evalsha(self._append.sha, len(keys), *keys, *args)
-            pipe.execute_command("WAIT", self.config.min_replicas, self.config.replica_timeout)
-            try:
-                (message_id, created), replicas = pipe.execute()
-            except redis.exceptions.NoScriptError:
+            reply, replicas = self._batcher(keys[0]).run(
+                "EVALSHA", self._append.sha, len(keys), *keys, *args)
+            if isinstance(reply, redis.exceptions.NoScriptError):
                 self.redis.script_load(APPEND_AND_PUBLISH)  # a new or restarted Redis
                 continue
-            except redis.exceptions.MovedError:
+            if isinstance(reply, redis.exceptions.MovedError):
                 self.redis.nodes_manager.initialize()  # the slot has a new master
                 continue
-            if replicas < self.config.min_replicas:
+            if isinstance(reply, Exception):
+                raise reply
+            message_id, created = reply
+            if replicas is not None and replicas < self.config.min_replicas:
                 raise NotReplicated(
                     f"{replicas} of {self.config.min_replicas} replicas have message {message_id}")
             if watch is not None and watch.begun != begun:
                 raise NotReplicated(f"a failover began while message {message_id} was stored")
-            return message_id, created
+            return message_id, bool(created)
         raise redis.exceptions.NoScriptError("the store script could not be loaded")
+
+    def _batcher(self, key):
+        """The Batcher of the Redis node that holds `key`: on a cluster, its slot's master,
+        whose own connection the WAIT must go on."""
+        if isinstance(self.redis, redis.RedisCluster):
+            node = self.redis.get_node_from_key(key)
+            name, client = node.name, node.redis_connection
+        else:
+            name, client = None, self.redis
+        batcher = self._batchers.get(name)
+        if batcher is None or batcher.client is not client:
+            batcher = self._batchers[name] = Batcher(
+                client, self.config.min_replicas, self.config.replica_timeout, self.observe)
+        return batcher
 
     def history(self, room, after=None, before=None, limit=50):
         """Return up to `limit` messages between the exclusive bounds, oldest first.

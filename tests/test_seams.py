@@ -22,6 +22,7 @@ from engineio.socket import Socket
 from gevent import pywsgi
 from geventwebsocket.handler import WebSocketHandler
 from redis._parsers import _HiredisParser
+from redis._parsers.hiredis import NOT_ENOUGH_DATA
 from wsproto.frame_protocol import CloseReason, FrameProtocol, Opcode, ParseFailed
 
 from cluster import redis_cluster  # noqa: F401 (a fixture)
@@ -274,23 +275,29 @@ def test_sentinel_pool_takes_draws_and_queue_from_the_blocking_pool():
     assert type(client.connection_pool) is SentinelPool
 
 
-def test_pubsub_listen_yields_shard_confirmations_and_messages(redis_server):
-    """subscriptions.Listener reads `ssubscribe` confirmations, `smessage`s and `message`s of
-    one connection that holds both kinds of subscription; its address is the node's."""
+def test_pubsub_replies_read_confirmations_and_messages_from_the_parser(redis_server):
+    """subscriptions.ListenerPubSub.replies reads `ssubscribe` confirmations, `smessage`s and
+    `message`s of one connection that holds both kinds of subscription through the hiredis
+    parser's `_reader` (its NOT_ENOUGH_DATA when a reply is not whole) and
+    `read_from_socket(timeout=)`; handle_message forgets a channel on its `sunsubscribe`. The
+    listener's address is the node's."""
+    assert "timeout" in params(_HiredisParser.read_from_socket)
     pubsub = ListenerPubSub(redis.Redis.from_url(redis_server.url).connection_pool)
     pubsub.ssubscribe(b"seams-{room}:live")
     pubsub.subscribe("seams-all")
-    messages = pubsub.listen()
-    assert [(m["type"], m["channel"]) for m in (next(messages), next(messages))] == [
+    replies = pubsub.replies()
+    assert [next(replies)[:2] for _ in range(2)] == [
         ("ssubscribe", b"seams-{room}:live"), ("subscribe", b"seams-all")]
     publisher = redis.Redis.from_url(redis_server.url)
     assert publisher.spublish("seams-{room}:live", "to the room") == 1
     publisher.publish("seams-all", "to all")
-    assert [(m["type"], m["data"]) for m in (next(messages), next(messages))] == [
-        ("smessage", b"to the room"), ("message", b"to all")]
+    assert [next(replies) for _ in range(2)] == [
+        ("smessage", b"seams-{room}:live", b"to the room"), ("message", b"seams-all", b"to all")]
+    assert pubsub.connection._parser._reader.gets() is NOT_ENOUGH_DATA
     pubsub.sunsubscribe(b"seams-{room}:live")
-    assert (next(messages)["type"], publisher.spublish("seams-{room}:live", "gone")) == (
+    assert (next(replies)[0], publisher.spublish("seams-{room}:live", "gone")) == (
         "sunsubscribe", 0)
+    assert b"seams-{room}:live" not in pubsub.shard_channels
     assert (pubsub.connection.host, pubsub.connection.port) == (
         "127.0.0.1", int(redis_server.url.rsplit(":", 1)[1].split("/")[0]))
     pubsub.close()
@@ -387,14 +394,16 @@ def _answers(url):
         return False
 
 
-def test_pubsub_listen_outlives_the_socket_timeout(redis_server):
-    """pool.pool_policy gives the listener's connection a 5 s timeout that its idle read ignores."""
-    client = redis.Redis.from_url(redis_server.url, socket_timeout=0.2, client_name="seams-idle")
-    pubsub = client.pubsub(ignore_subscribe_messages=True)
+def test_pubsub_replies_outlive_the_socket_timeout(redis_server):
+    """pool.pool_policy gives the listener's connection a 5 s timeout that its idle read
+    (read_from_socket(timeout=None)) ignores."""
+    client = redis.Redis.from_url(redis_server.url, socket_timeout=0.2, client_name="seams-idle",
+                                  parser_class=_HiredisParser)
+    pubsub = ListenerPubSub(client.connection_pool)
     pubsub.subscribe("seams-idle")
     received = []
     reader = threading.Thread(target=lambda: received.extend(
-        m["data"] for _, m in zip(range(1), pubsub.listen())), daemon=True)
+        data for _, (_, _, data) in zip(range(2), pubsub.replies())), daemon=True)
     reader.start()
     admin = redis.Redis.from_url(redis_server.url)
 
@@ -407,7 +416,7 @@ def test_pubsub_listen_outlives_the_socket_timeout(redis_server):
     assert len(listener_ages()) == 1 and len(first) == len(admin.client_list(_type="pubsub"))
     admin.publish("seams-idle", "still here")
     reader.join(timeout=5)
-    assert received == [b"still here"]
+    assert received == [1, b"still here"]  # the confirmation's count, then the message
     pubsub.close()
 
 
