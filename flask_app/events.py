@@ -86,12 +86,12 @@ class ChatNamespace(socketio.Namespace):
                                       "reason": str(reason[0]) if reason else None})
         for room in list(conn.rooms):
             try:
-                left, gone = self.presence.leave(sid, room)
+                left, gone, online = self.presence.leave(sid, room)
             except redis.RedisError:
                 log.warning("could not record %s leaving %s; its heartbeat will expire",
                             conn.user, room)
                 continue
-            self._announce_leaves(room, [conn.user] if left else [], gone)
+            self._announce_leaves(room, [conn.user] if left else [], gone, online)
         self.presence.disconnect(sid)
 
     @acknowledged
@@ -135,7 +135,7 @@ class ChatNamespace(socketio.Namespace):
             room, newest if since is not None else history[-1]["id"] if history else "0-0")
         self.metrics.joins.inc()
         log.info("join", extra={"sid": sid, "user": conn.user, "room": room})
-        self._announce_leaves(room, [], gone)
+        self._announce_leaves(room, [], gone, members.online)
         page = members.page()
         return {"ok": True, "room": room, "history": history, "missed_more": missed_more,
                 "members": page["members"], "online": page["online"],
@@ -147,8 +147,8 @@ class ChatNamespace(socketio.Namespace):
         if room not in self._connection(sid).rooms:
             raise validation.ValidationError("not_member", f"you have not joined {room}")
         self.leave_room(sid, room)
-        left, gone = self.presence.leave(sid, room)
-        self._announce_leaves(room, [self._connection(sid).user] if left else [], gone)
+        left, gone, online = self.presence.leave(sid, room)
+        self._announce_leaves(room, [self._connection(sid).user] if left else [], gone, online)
         return {"ok": True}
 
     @acknowledged
@@ -239,13 +239,21 @@ class ChatNamespace(socketio.Namespace):
         self.metrics.start_flushing()
 
     def _on_heartbeat(self, gone):
-        for room, users in gone.items():
-            self._announce_leaves(room, users, [])
+        for room, (users, online) in gone.items():
+            self._announce_leaves(room, users, [], online)
         self.metrics.rooms.set(len({room for conn in self.presence.local.values()
                                     for room in conn.rooms}))
 
-    def _announce_leaves(self, room, left, gone):
-        for user in [*left, *gone]:
+    def _announce_leaves(self, room, left, gone, online):
+        """Tell the room who left: by name while its users, those who left included, fit in
+        one page of members; by the count beyond it (presence.Presence)."""
+        users = [*left, *gone]
+        if not users:
+            return
+        if online + len(users) > self.config.members_page:
+            self.server.manager.emit_to_room("online", {"room": room, "online": online}, room)
+            return
+        for user in users:
             self.server.manager.emit_to_room(
                 "presence", {"room": room, "user": user.name, "user_id": user.id,
                              "state": "leave"}, room)

@@ -96,34 +96,40 @@ end
 
 # KEYS: expiry, index, users, the room's channel. ARGV: user_id, sid, ttl_ms, room,
 # ANNOUNCER_HOST_ID, name, page size. Returns {users gone, the first page of connections, 1 if
-# more users follow, users online}: one round trip per join. A user new to a room with other members is announced to
-# them on the room's channel, as python-socketio's pub/sub `emit` message, from a host_id no
-# worker has (all deliver it).
+# more users follow, users online}: one round trip per join. A user new to a room with other
+# members is announced to them on the room's channel, as python-socketio's pub/sub `emit`
+# message, from a host_id no worker has (all deliver it): by name while the room's users fit in
+# one page (the joiners' acks list them all), by the count alone beyond it (Presence.large).
 JOIN = _LIB + """
 local now = now_ms()
 local gone = purge(now)
 local fresh = add(ARGV[1] .. SEP .. ARGV[2] .. SEP .. ARGV[6], now + tonumber(ARGV[3]))
 local online = redis.call('HLEN', KEYS[3])
 if fresh and online > 1 then
+  local event, data = 'presence', {room = ARGV[4], user_id = ARGV[1], user = ARGV[6],
+                                   state = 'join'}
+  if online > tonumber(ARGV[7]) then
+    event, data = 'online', {room = ARGV[4], online = online}
+  end
   redis.call('SPUBLISH', KEYS[4], cjson.encode({
-    method = 'emit', event = 'presence', namespace = '/', room = ARGV[4],
-    data = {{room = ARGV[4], user_id = ARGV[1], user = ARGV[6], state = 'join'}},
+    method = 'emit', event = event, namespace = '/', room = ARGV[4], data = {data},
     skip_sid = ARGV[2], host_id = ARGV[5]}))
 end
 local first = page('', tonumber(ARGV[7]))
 return {gone, first[1], first[2], online}
 """
 
-# KEYS: expiry, index, users. ARGV: user_id, sid, name. Returns {absent, gone...}.
+# KEYS: expiry, index, users. ARGV: user_id, sid, name. Returns {absent, users online, gone...}.
 LEAVE = _LIB + """
 count_users()
 local absent = remove(ARGV[1] .. SEP .. ARGV[2] .. SEP .. ARGV[3]) and 1 or 0
 local gone = purge(now_ms())
+table.insert(gone, 1, redis.call('HLEN', KEYS[3]))
 table.insert(gone, 1, absent)
 return gone
 """
 
-# KEYS: expiry, index, users. ARGV: ttl_ms, member... Returns the users gone.
+# KEYS: expiry, index, users. ARGV: ttl_ms, member... Returns {users online, gone...}.
 # Members are added back if missing (expired during a Redis outage): the worker's
 # own connections are the truth about them.
 HEARTBEAT = _LIB + """
@@ -132,7 +138,9 @@ count_users()
 for i = 2, #ARGV do
   add(ARGV[i], now + tonumber(ARGV[1]))
 end
-return purge(now)
+local gone = purge(now)
+table.insert(gone, 1, redis.call('HLEN', KEYS[3]))
+return gone
 """
 
 # KEYS: expiry, index, users. ARGV: a user id ('' for the first page), page size. Returns
@@ -173,7 +181,12 @@ class LocalConnection:
 
 
 class Presence:
-    """Room membership: local connections here, every worker's in Redis."""
+    """Room membership: local connections here, every worker's in Redis.
+
+    A large room, one with more users online than a page of members, announces joins and
+    leaves by its count (an `online` event, which each worker sends its members at most once
+    every manager.COUNT_EVERY): a crowd joining costs each member a few events, not one a join.
+    """
 
     def __init__(self, redis, keys, ttl_seconds):
         self.redis = redis
@@ -227,13 +240,13 @@ class Presence:
         return Members(users_of(connections), bool(more), online)
 
     def leave(self, sid, room):
-        """Remove a connection from a room; return (user has left, users gone)."""
+        """Remove a connection from a room; return (user has left, users gone, users online)."""
         conn = self.local[sid]
         with self._beating:
             conn.rooms.discard(room)
-            absent, *gone = self._leave(keys=self._room_keys(room),
-                                        args=[conn.user.id, sid, conn.user.name])
-        return bool(absent), [user_of(member) for member in gone]
+            absent, online, *gone = self._leave(keys=self._room_keys(room),
+                                                args=[conn.user.id, sid, conn.user.name])
+        return bool(absent), [user_of(member) for member in gone], online
 
     def disconnect(self, sid):
         """Forget a local connection once it has left its rooms."""
@@ -247,7 +260,8 @@ class Presence:
         return dict(zip(rooms, self._run(queue)))
 
     def heartbeat(self):
-        """Refresh this worker's connections; return {room: users gone} of every room here."""
+        """Refresh this worker's connections; return {room: (users gone, users online)} of the
+        rooms here that users left."""
         with self._beating:
             return self._refresh()
 
@@ -263,8 +277,8 @@ class Presence:
         def queue(pipe):
             for room, members in by_room.items():
                 run_script(pipe, self._heartbeat, self._room_keys(room), self.ttl_ms, *members)
-        return {room: [user_of(member) for member in gone]
-                for room, gone in zip(by_room, self._run(queue)) if gone}
+        return {room: ([user_of(member) for member in gone], online)
+                for room, (online, *gone) in zip(by_room, self._run(queue)) if gone}
 
     def _run(self, queue):
         """Run the scripts `queue` puts on a pipeline, in one round trip per node.
@@ -286,7 +300,7 @@ class Presence:
     def start_heartbeat(self, on_beat):
         """Refresh presence every third of its lifetime in a background greenlet, once.
 
-        `on_beat` receives {room: users gone} after each refresh.
+        `on_beat` receives heartbeat()'s answer after each refresh.
         """
         if self._heartbeat_task is None:
             self._heartbeat_task = gevent.spawn(self._heartbeat_forever, on_beat)

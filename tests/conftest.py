@@ -251,7 +251,8 @@ class ChatClient:
     def __init__(self, name):
         self.name = name
         self.sio = InOrderClient(reconnection=False)
-        self.events = {"message": [], "presence": [], "typing": [], "announcement": []}
+        self.events = {"message": [], "presence": [], "online": [], "typing": [],
+                       "announcement": []}
         self.connect_error = None
         self.token = self.user_id = None
         self._changed = threading.Condition()

@@ -281,6 +281,29 @@ def test_a_join_answers_a_page_of_members_and_the_rest_are_paged(worker_factory,
     assert outsider.call("members", {"room": room})["error"] == "not_member"
 
 
+def test_a_large_room_tells_its_count_at_most_once_a_second_not_each_join(worker_factory,
+                                                                          clients, room):
+    """Beyond a page of users a join costs each member nothing: who came is not sent, and the
+    count reaches them at most once a second, the latest one."""
+    pair = [worker_factory(f"large-{n}", SCALECHAT_MEMBERS_PAGE="2") for n in range(2)]
+    watcher = clients("watcher").connect(pair[0])
+    watcher.join(room)
+    first = clients("first").connect(pair[1])
+    first.join(room)
+    watcher.wait_for("presence", lambda got: got)  # 2 users: one page, announced by name
+    crowd = [clients(f"c{n}").connect(pair[n % 2]) for n in range(12)]
+    for person in crowd:
+        person.join(room)
+    counts = watcher.wait_for("online", lambda got: got and got[-1]["online"] == 14)
+    assert len(counts) < len(crowd) and all(c == {"room": room, "online": c["online"]}
+                                            for c in counts)
+    assert len(watcher.events["presence"]) == 1
+    assert crowd[0].call("leave", {"room": room}) == {"ok": True}
+    crowd[1].close()
+    watcher.wait_for("online", lambda got: got[-1]["online"] == 12)
+    assert len(watcher.events["presence"]) == 1
+
+
 def test_members_recorded_before_the_count_existed_are_counted(redis_server, workers, clients,
                                                                room):
     """Rooms whose presence predates the per-user count get it rebuilt from their members."""

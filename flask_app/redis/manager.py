@@ -31,6 +31,7 @@ from .subscriptions import PROBE_EVERY, Subscriptions, publish_to_all
 log = logging.getLogger(__name__)
 
 REPLAY_PAGE = 500
+COUNT_EVERY = 1.0  # seconds at least between two `online` counts of a room to its members here
 GAP_RETRY_FIRST, GAP_RETRY_MAX = 0.5, 5.0  # seconds between attempts to fill a room's gap
 # python-socketio's messages between workers, by method (PubSubManager._thread's dispatch)
 CONTROL_METHODS = ("emit", "disconnect", "enter_room", "leave_room", "close_room")
@@ -69,6 +70,7 @@ class ChatRedisManager(PooledRedisManager):
         self.gaps = set()  # rooms whose stream must be read before any live message is delivered
         self.filling = gevent.lock.Semaphore()  # one greenlet at a time reads a room's gap
         self.gap_filler = None
+        self.counts = {}  # room -> the latest `online` emit not yet sent to its members here
         self.subscriptions = Subscriptions(self, self.redis, store.keys, self.host_id, channel)
 
     def initialize(self):
@@ -171,7 +173,25 @@ class ChatRedisManager(PooledRedisManager):
                 return
             self._deliver_stored(message)
             return
+        if message.get("event") == "online":
+            self._count_later(message)
+            return
         super()._handle_emit(message)
+
+    def _count_later(self, message):
+        """Send a large room's count to its members here once COUNT_EVERY has passed, the
+        latest of the counts heard meanwhile: a crowd joining costs each member one event a
+        second, not one a join."""
+        room = message["room"]
+        if room not in self.counts:
+            gevent.spawn_later(COUNT_EVERY, self._send_count, room)
+        self.counts[room] = message
+
+    def _send_count(self, room):
+        message = self.counts.pop(room, None)
+        if message is not None and self.has_members(room):
+            # a joiner's count skips the joiner; the latest count goes to every member
+            super()._handle_emit({**message, "skip_sid": None})
 
     def _deliver_stored(self, message):
         if self._first_delivery(message):

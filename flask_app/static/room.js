@@ -163,6 +163,12 @@
     }
     showMembers();
   });
+  socket.on("online", (event) => {
+    // a large room tells its count, not who came or went: the list keeps its first page
+    if (event.room !== room) return;
+    onlineCount = event.online;
+    showMembers();
+  });
   socket.on("typing", (event) => {
     if (event.room !== room || event.user_id === me) return;
     const typist = typists.get(event.user_id);
