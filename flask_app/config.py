@@ -92,6 +92,10 @@ class Config:
     # Refused events in a row after which a connection is disconnected as abusive.
     rate_disconnect_after: int = dataclasses.field(
         default=100, metadata={"env": "SCALECHAT_RATE_DISCONNECT_AFTER"})
+    # Milliseconds of loop lag beyond which a worker answers messages and typing `busy` rather
+    # than fall further behind (overload.py); 0: never.
+    shed_lag_ms: int = dataclasses.field(
+        default=200, metadata={"env": "SCALECHAT_SHED_LAG_MS", "min": 0})
     # Seconds a stopping worker waits for its handlers to finish.
     drain_timeout: int = dataclasses.field(
         default=5, metadata={"env": "SCALECHAT_DRAIN_TIMEOUT"})

@@ -8,6 +8,7 @@ import redis
 import socketio
 
 from . import auth, ratelimit, validation
+from .overload import LoopLag
 from .store import id_order
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,7 @@ class ChatNamespace(socketio.Namespace):
         self.metrics = services.metrics
         self.buckets = {}
         self.in_flight = 0
+        self.lag = LoopLag(self.config.shed_lag_ms / 1000, self.metrics.loop_lag)
 
     def on_connect(self, sid, environ, auth_data=None):
         try:
@@ -153,6 +155,7 @@ class ChatNamespace(socketio.Namespace):
 
     @acknowledged
     def on_message(self, sid, data):
+        self._check_load()
         room = validation.room(data.get("room"))
         text = validation.text(data.get("text"), self.config.max_text)
         client_id = validation.client_id(data.get("client_id"))
@@ -184,6 +187,7 @@ class ChatNamespace(socketio.Namespace):
 
     @acknowledged
     def on_typing(self, sid, data):
+        self._check_load()
         room = validation.room(data.get("room"))
         conn = self._member(sid, room)
         self.server.manager.emit_to_room(
@@ -215,6 +219,12 @@ class ChatNamespace(socketio.Namespace):
         raise validation.ValidationError(
             "rate_limited", f"slow down: at most {self.config.rate_limit:g} events per second")
 
+    def _check_load(self):
+        if self.lag.busy:
+            raise validation.ValidationError(
+                "busy", "the server is at capacity: send again in a moment with the same "
+                        "client_id")
+
     def _refuse(self, code, detail):
         self.metrics.error_ack(code)
         return {"ok": False, "error": code, "detail": detail}
@@ -232,11 +242,12 @@ class ChatNamespace(socketio.Namespace):
         return conn
 
     def start_background(self):
-        """Start what runs beside the handlers: the Redis listener, the presence heartbeat and
-        the metrics' flush."""
+        """Start what runs beside the handlers: the Redis listener, the presence heartbeat, the
+        metrics' flush and the measure of the loop's lag."""
         self.server.start_manager()
         self.presence.start_heartbeat(self._on_heartbeat)
         self.metrics.start_flushing()
+        self.lag.start()
 
     def _on_heartbeat(self, gone):
         for room, (users, online) in gone.items():

@@ -18,6 +18,9 @@ CONNECTED = Gauge("scalechat_connected_clients", "Socket.IO connections open",
                   ["worker"], multiprocess_mode="livesum")
 ROOMS = Gauge("scalechat_rooms", "Rooms with members connected to the worker",
               ["worker"], multiprocess_mode="livesum")
+LOOP_LAG = Gauge("scalechat_loop_lag_seconds",
+                 "How late the worker's loop ran its last timer: time events wait for a core",
+                 ["worker"], multiprocess_mode="livemax")
 CONNECTS = Counter("scalechat_connects", "Socket.IO connections accepted", ["worker"])
 REFUSED = Counter("scalechat_connects_refused", "Socket.IO connections refused", ["worker"])
 JOINS = Counter("scalechat_joins", "Rooms joined", ["worker"])
@@ -72,7 +75,8 @@ class WorkerMetrics:
 
     def __init__(self, worker_id):
         self.worker_id = worker_id
-        for name, metric in (("connected", CONNECTED), ("rooms", ROOMS), ("connects", CONNECTS),
+        for name, metric in (("connected", CONNECTED), ("rooms", ROOMS), ("loop_lag", LOOP_LAG),
+                             ("connects", CONNECTS),
                              ("refused", REFUSED), ("joins", JOINS),
                              ("rate_limit_disconnects", RATE_LIMIT_DISCONNECTS),
                              ("resubscribes", RESUBSCRIBES)):

@@ -405,3 +405,29 @@ def test_a_subscription_that_silently_stops_is_noticed_and_replayed(redis_server
         assert bob.sio.connected
     finally:
         proxy.close()
+
+
+def test_a_worker_behind_its_loop_answers_busy_then_serves_the_retries(worker_factory, clients,
+                                                                       room):
+    """Sends that waited for a core longer than SCALECHAT_SHED_LAG_MS are refused `busy` before
+    any Redis work, never `unavailable`; the same client_ids sent again are stored once."""
+    worker = worker_factory("shedding", SCALECHAT_SHED_LAG_MS="100")
+    alice = clients("alice").connect(worker)
+    alice.join(room)
+    acks = {}
+    worker.proc.send_signal(signal.SIGSTOP)  # as a worker whose core is taken for a while
+    try:
+        for n in range(20):
+            alice.sio.emit("message", {"room": room, "text": f"m{n}", "client_id": f"s{n}"},
+                           callback=lambda ack, n=n: acks.__setitem__(n, ack))
+        time.sleep(0.5)
+    finally:
+        worker.proc.send_signal(signal.SIGCONT)
+    wait_until(lambda: len(acks) == 20, what="every ack")
+    refused = sorted(n for n, ack in acks.items() if not ack["ok"])
+    assert refused and {acks[n]["error"] for n in refused} == {"busy"}, acks
+    for n in refused:
+        wait_until(lambda n=n: alice.send(room, f"m{n}", client_id=f"s{n}")["ok"],
+                   what=f"m{n} taken once the worker caught up")
+    delivered = alice.wait_for("message", lambda got: len(got) >= 20)
+    assert sorted(m["text"] for m in delivered) == sorted(f"m{n}" for n in range(20))

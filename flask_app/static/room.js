@@ -90,6 +90,9 @@
       if (err) return; // no answer: resent after the next join
       if (ack.ok) {
         pending.delete(payload.client_id);
+      } else if (ack.error === "busy") {
+        // nothing was stored: send again once the server has caught up, spread out
+        setTimeout(() => send(payload), 1000 + Math.random() * 1000);
       } else if (ack.error === "unavailable") {
         showError("The chat is briefly unavailable; your message will be retried.");
       } else {
