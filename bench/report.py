@@ -59,6 +59,7 @@ CROWD_COLUMNS = [
     ("connect_p99_ms", "connect p99 ms", "{:,.0f}", True),
     ("cpu_us_per_connect", "server CPU us/connect", "{:,.0f}", True),
     ("presence_joins_received", "presence joins received", "{:,.0f}", False),
+    ("gen_cpu_s", "gen CPU s joining", "{:,.1f}", False),
     ("kb_per_member_w0", "KB/member w0", "{:.1f}", True),
     ("kb_per_member_w1", "KB/member w1", "{:.1f}", True),
     ("deliveries_per_s", "deliveries/s", "{:,.0f}", True),
