@@ -11,6 +11,7 @@ answers one JSON object per line on stdout:
     {"op": "connect", ...}  open, authenticate and join clients; report the connect times
     {"op": "run", ...}      send during a window given in wall-clock time; report the acked ids
     {"op": "verify", ...}   wait for the expected ids; report losses, duplicates, latencies
+                            (each run checks its own messages: a run forgets the ids seen before)
     {"op": "status"}        how many clients are still connected, pings answered
     {"op": "close"}         close every client and exit
 
@@ -34,6 +35,8 @@ HIST_BINS = 1200
 HIST_LO_US = 1.0
 HIST_HI_US = 600e6
 TEXT_PAD = "x" * 40
+# a rate-mode send this late (us) counts as `late`: the generator, not the server, set the pace
+LATE_US = 100_000
 
 _getrandbits = random.getrandbits
 _time_ns = time.time_ns
@@ -181,6 +184,8 @@ class Client(asyncio.Protocol):
             if sio == 0x32:  # '2' event
                 if p.startswith(b'42["message"'):
                     self.gen.deliver(self, p, now)
+                elif p.startswith(b'42["presence"'):
+                    self.gen.presence(p)
                 return
             if sio == 0x33:  # '3' ack: 43<id>[...]
                 cut = p.index(b"[", 2)
@@ -283,9 +288,12 @@ class Sender:
         period = 1e6 / rate
         due = start + random.random() * period
         while due < stop:
-            delay = (due - now_us()) / 1e6
-            if delay > 0:
-                await asyncio.sleep(delay)
+            now = now_us()
+            if due > now:
+                await asyncio.sleep((due - now) / 1e6)
+                now = now_us()
+            if now - due > LATE_US:
+                self.gen.late += 1
             if self.client.open:
                 if self.in_flight < max_in_flight:
                     self.send()
@@ -304,6 +312,8 @@ class Generator:
         self.pings = 0
         self.dropped = 0
         self.window = False
+        self.presence_joins = 0  # since the process started: the connect phase's joins
+        self.runs = 0  # `run` ops so far
 
     def reset_counters(self):
         self.count = 0
@@ -312,6 +322,8 @@ class Generator:
         self.acked = {}
         self.sent = 0
         self.skipped = 0
+        self.late = 0
+        self.presence_leaves = 0
         self.send_errors = {}
         self.t0 = self.t1 = 1 << 62
         self.window_count = None
@@ -332,6 +344,13 @@ class Generator:
         self.count += 1
         if self.t0 <= sent <= self.t1:
             self.lat.append(now - sent)
+
+    def presence(self, p):
+        """Count a `presence` notice: in a run nobody leaves, so a leave is a presence lapse."""
+        if b'"state":"leave"' in p or b'"state": "leave"' in p:
+            self.presence_leaves += 1
+        else:
+            self.presence_joins += 1
 
     # -- ops -------------------------------------------------------------------------------
     async def op_connect(self, cmd):
@@ -367,7 +386,8 @@ class Generator:
             if client.open:
                 by_port[str(client.port)] = by_port.get(str(client.port), 0) + 1
         return {"connected": len(times), "failed": len(new) - len(times), "errors": errors,
-                "start": start, "end": end, "times": times, "by_port": by_port}
+                "start": start, "end": end, "times": times, "by_port": by_port,
+                "presence_joins": self.presence_joins}
 
     async def _open(self, client):
         client.token = await self._session(client.port, client.name)
@@ -409,15 +429,21 @@ class Generator:
     async def op_run(self, cmd):
         """Send from this process's senders between start and t1 (wall-clock seconds)."""
         self.reset_counters()
+        for client in self.clients:
+            client.seen = set()
+            client.dups = 0
         start = int(cmd["start"] * 1e6)
         self.t0 = int(cmd["t0"] * 1e6)
         self.t1 = int(cmd["t1"] * 1e6)
+        self.runs += 1
+        # scalechat deduplicates by client_id: a later run's ids must differ from earlier ones
+        suffix = "" if self.runs == 1 else f".{self.runs}"
         by_idx = {c.idx: c for c in self.clients}
         senders = []
         for spec in cmd.get("senders", []):
             client = by_idx.get(spec["idx"])
             if client is not None:
-                senders.append(Sender(self, client, spec["room"], f"c{spec['idx']}"))
+                senders.append(Sender(self, client, spec["room"], f"c{spec['idx']}{suffix}"))
         self.senders = senders
         mode = cmd.get("mode", "window")
 
@@ -448,7 +474,7 @@ class Generator:
         unacked = sum(s.in_flight for s in senders)
         window_deliveries = getattr(self, "window_end_count", self.count) - (self.window_count or 0)
         return {"acked": self.acked, "sent": self.sent, "unacked": unacked,
-                "skipped": self.skipped, "send_errors": self.send_errors,
+                "skipped": self.skipped, "late": self.late, "send_errors": self.send_errors,
                 "window_deliveries": window_deliveries,
                 "ack_hist": histogram(self.ack_lat)}
 
@@ -484,7 +510,7 @@ class Generator:
             by_port[str(c.port)] = by_port.get(str(c.port), 0) + c.count
         return {"lost": lost, "duplicated": dups, "unexpected": unexpected,
                 "receivers": receivers, "closed": closed, "deliveries": self.count,
-                "deliveries_by_port": by_port,
+                "deliveries_by_port": by_port, "presence_leaves": self.presence_leaves,
                 "drain_wait": waited, "lat_hist": histogram(self.lat)}
 
     async def op_status(self, cmd):

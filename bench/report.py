@@ -52,6 +52,54 @@ SCALEOUT_COLUMNS = [
     ("server_cpu_cores", "server cores", "{:.2f}"),
     ("gen_cpu_max", "gen CPU", "{:.2f}"),
 ]
+CROWD_COLUMNS = [
+    ("connected", "connected", "{:,.0f}", False),
+    ("connect_per_s", "connects/s", "{:,.0f}", True),
+    ("connect_p50_ms", "connect p50 ms", "{:,.0f}", True),
+    ("connect_p99_ms", "connect p99 ms", "{:,.0f}", True),
+    ("cpu_us_per_connect", "server CPU us/connect", "{:,.0f}", True),
+    ("presence_joins_received", "presence joins received", "{:,.0f}", False),
+    ("gen_cpu_s", "gen CPU s joining", "{:,.1f}", False),
+    ("kb_per_member_w0", "KB/member w0", "{:.1f}", True),
+    ("kb_per_member_w1", "KB/member w1", "{:.1f}", True),
+    ("deliveries_per_s", "deliveries/s", "{:,.0f}", True),
+    ("lat_p50_ms", "p50 ms", "{:.1f}", True),
+    ("lat_p99_ms", "p99 ms", "{:.1f}", True),
+    ("cpu_us_per_delivery", "CPU us/delivery", "{:.1f}", True),
+    ("lost", "lost", "{:d}", False),
+    ("duplicated", "dup", "{:d}", False),
+    ("gen_cpu_max", "gen CPU", "{:.2f}", False),
+]
+# scenarios whose table is not the one of their kind
+COLUMNS_BY_NAME = {"crowd": CROWD_COLUMNS}
+CAPACITY_COLUMNS = [
+    ("capacity_msgs_per_s", "msg/s held", "{:,.0f}", True),
+    ("held_deliveries_per_s", "deliveries/s", "{:,.0f}", True),
+    ("held_lat_p99_ms", "p99 ms", "{:.1f}", False),
+    ("held_cpu_us_per_delivery", "CPU us/delivery", "{:.1f}", True),
+    ("held_server_cpu_cores", "server cores", "{:.2f}", False),
+    ("connect_per_s", "connects/s", "{:,.0f}", True),
+    ("lost", "lost", "{:d}", False),
+    ("duplicated", "dup", "{:d}", False),
+]
+# (key, header, format); medians over the repeats that ran the step, sums for the counts
+STEP_COLUMNS = [
+    ("deliveries_per_s", "deliveries/s", "{:,.0f}"),
+    ("lat_p50_ms", "p50 ms", "{:.1f}"),
+    ("lat_p99_ms", "p99 ms", "{:.1f}"),
+    ("ack_p50_ms", "ack p50 ms", "{:.1f}"),
+    ("ack_p99_ms", "ack p99 ms", "{:.1f}"),
+    ("ack_max_ms", "ack max ms", "{:,.0f}"),
+    ("send_errors", "errors", None),
+    ("unacked", "unacked", "{:,d}"),
+    ("lost", "lost", "{:,d}"),
+    ("duplicated", "dup", "{:,d}"),
+    ("skipped", "skipped", "{:,d}"),
+    ("server_cpu_cores", "server cores", "{:.2f}"),
+    ("cpu_us_per_delivery", "CPU us/delivery", "{:.1f}"),
+    ("gen_cpu_sum", "gen cores", "{:.2f}"),
+]
+STEP_SUMMED = {"unacked", "lost", "duplicated", "skipped"}
 SUMMED = {"lost", "duplicated", "connect_failed"}
 
 
@@ -60,6 +108,8 @@ def _flat(run):
     row = dict(run)
     for worker, kb in (run.get("kb_per_conn") or {}).items():
         row[f"kb_per_conn_{worker}"] = kb
+    for worker, kb in (run.get("kb_per_member") or {}).items():
+        row[f"kb_per_member_{worker}"] = kb
     if run.get("connected") and "pings_answered" in run:
         row["pings_per_conn"] = run["pings_answered"] / run["connected"]
     gen = run.get("gen_cpu_cores")
@@ -102,8 +152,11 @@ def summarize(runs):
     return summary
 
 
-def _columns(kind):
-    return {"traffic": TRAFFIC_COLUMNS, "idle": IDLE_COLUMNS}.get(kind, CONNECT_COLUMNS)
+def _columns(sc):
+    if sc.name in COLUMNS_BY_NAME:
+        return COLUMNS_BY_NAME[sc.name]
+    return {"traffic": TRAFFIC_COLUMNS, "idle": IDLE_COLUMNS,
+            "capacity": CAPACITY_COLUMNS}.get(sc.kind, CONNECT_COLUMNS)
 
 
 def _cell(value, fmt, ratio):
@@ -118,8 +171,8 @@ def _cell(value, fmt, ratio):
     return text
 
 
-def tables(summary, scenarios, servers):
-    """Markdown tables, one per scenario; ratios are to node's median."""
+def tables(summary, scenarios, servers, runs=()):
+    """Markdown tables, one per scenario (three for capacity); ratios are to node's median."""
     lines = []
     for name, sc in scenarios.items():
         if len(sc.workers) > 1:
@@ -128,11 +181,13 @@ def tables(summary, scenarios, servers):
         if name not in summary:
             continue
         by_server = summary[name]
-        cols = _columns(sc.kind)
+        cols = _columns(sc)
+        extra = [("limited by", _limits(runs, name))] if sc.kind == "capacity" else []
         lines.append(f"#### {name}: {sc.describe()}")
         lines.append("")
-        lines.append("| server | " + " | ".join(c[1] for c in cols) + " |")
-        lines.append("|---" * (len(cols) + 1) + "|")
+        lines.append("| server | " + " | ".join(c[1] for c in cols) +
+                     "".join(f" | {header}" for header, _ in extra) + " |")
+        lines.append("|---" * (len(cols) + len(extra) + 1) + "|")
         ref = by_server.get(REFERENCE, {})
         for server in servers:
             if server not in by_server:
@@ -145,8 +200,106 @@ def tables(summary, scenarios, servers):
                 if with_ratio and server != REFERENCE and value is not None and ref.get(key):
                     ratio = value / ref[key]
                 cells.append(_cell(value, fmt, ratio))
+            cells += [by_row.get(server, "-") for _, by_row in extra]
             lines.append(f"| {server} (n={agg['repeats']}) | " + " | ".join(cells) + " |")
         lines.append("")
+        if sc.kind == "capacity":
+            lines.append(steps_table(runs, sc, servers))
+            lines.append(overload_table(runs, sc, servers))
+    return "\n".join(lines)
+
+
+def _capacity_runs(runs, name, row):
+    return [r for r in runs if "error" not in r and r.get("scenario") == name and _row(r) == row]
+
+
+def _limits(runs, name):
+    """{row: what ended each repeat's search, e.g. "p99 140 ms / errors busy 12"}."""
+    out = {}
+    for run in runs:
+        if "error" not in run and run.get("scenario") == name:
+            out.setdefault(_row(run), []).append(run.get("limited_by") or "-")
+    return {row: " / ".join(reasons) for row, reasons in out.items()}
+
+
+def _errors(counts):
+    return ", ".join(f"{code} {n:,}" for code, n in sorted(counts.items())) or "0"
+
+
+def steps_table(runs, sc, rows):
+    """A line per server and step: medians over the repeats that reached the step, counts
+    summed; "held" says in how many of them the step was held."""
+    lines = [f"#### {sc.name} steps: each {sc.warmup:g} s of warm-up and {sc.duration:g} s "
+             f"measured; held = p99 <= 100 ms, no error, nothing unacked after 10 s, nothing "
+             f"lost or doubled, no client dropped, no send skipped, at most 1 % sent late", ""]
+    headers = ["server", "msg/s", "held"] + [c[1] for c in STEP_COLUMNS]
+    lines.append("| " + " | ".join(headers) + " |")
+    lines.append("|---" * len(headers) + "|")
+    for row in rows:
+        by_rate = {}
+        for run in _capacity_runs(runs, sc.name, row):
+            for step in run.get("steps", []):
+                by_rate.setdefault(step["rate"], []).append(step)
+        for rate in sorted(by_rate):
+            steps = by_rate[rate]
+            cells = [row, f"{rate:,g}", f"{sum(s['held'] for s in steps)}/{len(steps)}"]
+            for key, _header, fmt in STEP_COLUMNS:
+                if key == "send_errors":
+                    total = {}
+                    for s in steps:
+                        for code, n in s["send_errors"].items():
+                            total[code] = total.get(code, 0) + n
+                    cells.append(_errors(total))
+                    continue
+                values = [_step_value(s, key) for s in steps]
+                if key in STEP_SUMMED:
+                    value = sum(v or 0 for v in values)
+                else:
+                    value = median(values)
+                cells.append(_cell(value, fmt, None))
+            lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def _step_value(step, key):
+    if key == "gen_cpu_sum":
+        return sum(step.get("gen_cpu_cores") or []) or None
+    return step.get(key)
+
+
+def overload_table(runs, sc, rows):
+    """A line per run: the overload phase at twice the rate held, then the recovery step."""
+    lines = [f"#### {sc.name} overload: {sc.overload:g} s at twice the rate held, then "
+             f"{sc.warmup:g} + {sc.recovery:g} s back at it", ""]
+    headers = ["server", "msg/s", "sent", "errors", "unacked after 10 s", "ack p50 ms",
+               "ack p99 ms", "ack max ms", "lost", "dup", "presence leaves",
+               "worker RSS MB before / peak / after", "deliveries/s", "p99 ms", "recovery"]
+    lines.append("| " + " | ".join(headers) + " |")
+    lines.append("|---" * len(headers) + "|")
+    for row in rows:
+        for run in _capacity_runs(runs, sc.name, row):
+            name = f"{row} #{run.get('repeat', 1)}"
+            over, back = run.get("overload"), run.get("recovery")
+            if not over:
+                why = run.get("overload_skipped", "not run")
+                lines.append(f"| {name} | skipped: {why} |" + " |" * (len(headers) - 2))
+                continue
+            recovery = "held" if back and back["held"] else (
+                "not held: " + "; ".join(back["not_held"]) if back else "-")
+            cells = [name, f"{over['rate']:,g}", f"{over['sent']:,}",
+                     _errors(over["send_errors"]), f"{over['unacked']:,}",
+                     _cell(over["ack_p50_ms"], "{:.1f}", None),
+                     _cell(over["ack_p99_ms"], "{:,.1f}", None),
+                     _cell(over["ack_max_ms"], "{:,.0f}", None),
+                     f"{over['lost']:,}", f"{over['duplicated']:,}",
+                     f"{over['presence_leaves']:,}",
+                     f"{over['workers_rss_mb_before']:,.0f} / {over['workers_rss_mb_peak']:,.0f}"
+                     f" / {over['workers_rss_mb_after']:,.0f}",
+                     _cell(over["deliveries_per_s"], "{:,.0f}", None),
+                     _cell(over["lat_p99_ms"], "{:,.1f}", None), recovery]
+            lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
     return "\n".join(lines)
 
 
@@ -192,11 +345,15 @@ def failures(runs):
             if run.get("connect_failed"):
                 reasons = "; ".join(f"{n}x {r}" for r, n in run.get("connect_errors", {}).items())
                 lines.append(f"{what}: {run['connect_failed']} connections failed ({reasons})")
-            for key in ("lost", "duplicated", "unexpected", "unacked", "skipped", "dropped"):
+            for key in ("lost", "duplicated", "unexpected", "unacked", "skipped", "dropped",
+                        "unavailable", "presence_leaves"):
                 if run.get(key):
                     lines.append(f"{what}: {key} = {run[key]}")
             if run.get("send_errors"):
                 lines.append(f"{what}: send errors {run['send_errors']}")
+            recovery = run.get("recovery")
+            if recovery and not recovery["held"]:
+                lines.append(f"{what}: recovery step not held ({'; '.join(recovery['not_held'])})")
     return "\n".join(lines)
 
 

@@ -45,6 +45,16 @@ def parse_args(argv=None):
     parser.add_argument("--rate", type=float, default=None, metavar="MSGS",
                         help="override the messages per second, in all, of the scenarios that "
                              "send at a rate (latency, rooms, scaleout)")
+    parser.add_argument("--steps", default=None, metavar="LIST",
+                        help="the messages per second, in all, of the capacity scenario's steps, "
+                             "rising (default: "
+                             f"{','.join(f'{r:g}' for r in scenarios.FULL['capacity'].steps)}; "
+                             "with --quick: "
+                             f"{','.join(f'{r:g}' for r in scenarios.QUICK['capacity'].steps)})")
+    parser.add_argument("--overload-seconds", type=float, default=None, metavar="S",
+                        help="how long the capacity scenario sends at twice the rate it held "
+                             f"(default {scenarios.FULL['capacity'].overload:g}; with --quick "
+                             f"{scenarios.QUICK['capacity'].overload:g})")
     parser.add_argument("--workers", default=None, metavar="LIST",
                         help="override the worker counts of the scale-out scenario "
                              "(default 2,4,8)")
@@ -85,6 +95,16 @@ def parse_args(argv=None):
             parser.error("--workers needs counts of at least 2 (each room spans 2 workers)")
     if args.rate is not None and args.rate <= 0:
         parser.error("--rate must be positive")
+    steps = None
+    if args.steps is not None:
+        try:
+            steps = tuple(float(r) for r in args.steps.split(",") if r.strip())
+        except ValueError:
+            parser.error(f"--steps takes rates such as 250,500,1000, got {args.steps!r}")
+        if not steps or min(steps) <= 0 or list(steps) != sorted(set(steps)):
+            parser.error("--steps needs positive rates, each higher than the one before")
+    if args.overload_seconds is not None and args.overload_seconds <= 0:
+        parser.error("--overload-seconds must be positive")
     table = scenarios.QUICK if args.quick else scenarios.FULL
     names = args.scenarios.split(",") if args.scenarios else (
         scenarios.QUICK_DEFAULT if args.quick else scenarios.DEFAULT)
@@ -101,7 +121,15 @@ def parse_args(argv=None):
             sc = dataclasses.replace(sc, rate=args.rate / sc.sender_count)
         if workers is not None and len(sc.workers) > 1:
             sc = dataclasses.replace(sc, workers=workers)
+        if steps is not None and sc.kind == "capacity":
+            sc = dataclasses.replace(sc, steps=steps)
+        if args.overload_seconds is not None and sc.kind == "capacity":
+            sc = dataclasses.replace(sc, overload=args.overload_seconds)
         chosen[name] = sc
+    if (steps is not None or args.overload_seconds is not None) and \
+            not any(sc.kind == "capacity" for sc in chosen.values()):
+        parser.error("--steps and --overload-seconds apply to the capacity scenario only: "
+                     "add it to --scenarios")
     args.chosen = chosen
     if args.repeats is None:
         args.repeats = 1 if args.quick else 3
@@ -145,14 +173,15 @@ def show(doc, chosen, server_names, png):
     print(f"`{doc['command']}`, {doc.get('elapsed_s', 0):.0f} s; {at}medians over repeats, "
           f"(x) = ratio to node's median; lost and dup are totals over repeats.")
     print()
-    print(report.tables(summary, chosen, server_names))
+    print(report.tables(summary, chosen, server_names, doc["runs"]))
     problems = report.failures(doc["runs"])
     if problems:
         print("Problems:")
         print(problems)
         print()
     if png is not None and summary:
-        single = {n: sc for n, sc in chosen.items() if len(sc.workers) == 1}
+        single = {n: sc for n, sc in chosen.items()
+                  if len(sc.workers) == 1 and sc.kind in ("traffic", "idle")}
         if any(n in summary for n in single):
             report.plot(summary, doc["runs"], single, server_names, png)
             print(f"plot: {png}")
@@ -169,6 +198,7 @@ def replay(path, no_plot):
     chosen = {}
     for name, cfg in doc["scenarios"].items():
         cfg["workers"] = tuple(cfg.get("workers", (2,)))
+        cfg["steps"] = tuple(cfg.get("steps", ()))
         chosen[name] = scenarios.Scenario(**cfg)
     show(doc, chosen, doc.get("rows", doc["servers"]),
          None if no_plot else path.with_suffix(".png"))
@@ -270,7 +300,8 @@ def main(argv=None):
     print(f"results: {json_path}")
     print(f"logs: {logroot}")
     failed = any("error" in r for r in doc["runs"]) or any(
-        r.get("lost") or r.get("duplicated") or r.get("connect_failed") for r in doc["runs"])
+        r.get("lost") or r.get("duplicated") or r.get("connect_failed") or r.get("unavailable")
+        or r.get("presence_leaves") for r in doc["runs"])
     if interrupted:
         return 130
     return 1 if failed else 0
