@@ -21,6 +21,7 @@ import pytest
 from conftest import wait_until
 from deployment import ResumingClient, service_dir
 from flask_app.keys import Keys
+from flask_app.store import id_order
 from hosts import HostedCluster, HostStack, three_hosts  # noqa: F401 (a fixture)
 from test_faults import Conversation
 
@@ -177,7 +178,7 @@ def test_a_host_lost_behind_the_proxy_of_another_loses_no_message(three_hosts, r
         stream = [entry_id.decode() if isinstance(entry_id, bytes) else entry_id
                   for entry_id, _ in master.xrange(stream_key)]
         assert len(stream) == len(set(stream)), "a message is stored twice"
-        assert sorted(conversation.acked) == stream, "an acknowledged message is missing"
+        assert sorted(conversation.acked, key=id_order) == stream, "an acknowledged message is missing"
         for client in clients:
             client.wait_for("message", lambda got: set(stream) <= set(client.ids), timeout=30)
             assert client.ids == stream, f"{client.name} differs from the stream"

@@ -19,6 +19,7 @@ import requests
 from conftest import ChatClient, wait_until
 from deployment import ResumingClient
 from flask_app.keys import Keys
+from flask_app.store import id_order
 from hosts import Balancer, HostWorker, three_hosts  # noqa: F401 (a fixture)
 from sentinel import DOWN_AFTER_MS, FAILOVER_TIMEOUT_MS, QUORUM, SERVICE
 from test_faults import Conversation
@@ -250,8 +251,10 @@ def test_a_master_cut_off_acknowledges_nothing_the_majority_loses(three_hosts, p
 
         master = redis_set.nodes[new]
         final, final_log = stream(master, room), stream(master, log_room)
-        assert sorted(conversation.acked) == final, "the new master differs from what was acked"
-        assert sorted(log_a.acked() + log_b.acked()) == final_log, "an acknowledged send is missing"
+        assert sorted(conversation.acked, key=id_order) == final, \
+            "the new master differs from what was acked"
+        assert sorted(log_a.acked() + log_b.acked(), key=id_order) == final_log, \
+            "an acknowledged send is missing"
         assert stream(old, room) == final, "the old master did not drop what it took alone"
         during = log_a.between(cut, restored)
         oks_during = [message_id for _, _, answer, message_id in during if answer == "ok"]
