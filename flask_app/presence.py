@@ -99,7 +99,7 @@ end
 # more users follow, users online}: one round trip per join. A user new to a room with other
 # members is announced to them on the room's channel, as python-socketio's pub/sub `emit`
 # message, from a host_id no worker has (all deliver it): by name while the room's users fit in
-# one page (the joiners' acks list them all), by the count alone beyond it (Presence.large).
+# one page (the joiners' acks list them all), by the count alone beyond it (see Presence).
 JOIN = _LIB + """
 local now = now_ms()
 local gone = purge(now)

@@ -65,7 +65,7 @@ class Batcher:
                 batch = self._queued.popleft()
                 try:
                     self._send(batch)
-                except Exception as exc:  # noqa: BLE001 - each caller raises it as its own
+                except Exception as exc:  # each caller raises it as its own
                     batch.error = exc
                 finally:
                     batch.done.set()
