@@ -113,7 +113,8 @@ class Stack:
         return subprocess.run(
             [str(ROOT / ".venv/bin/supervisorctl"), "-c", str(ROOT / "supervisord.conf"),
              "-s", f"unix://{self.var}/run/supervisor.sock", *args],
-            capture_output=True, text=True, timeout=30).stdout
+            # beyond supervisord's own bound on a stop (stopwaitsecs, 30 s for Redis)
+            capture_output=True, text=True, timeout=45).stdout
 
     def states(self):
         return dict(line.split()[:2] for line in self.ctl("status").splitlines() if line.strip())

@@ -78,7 +78,9 @@ def replicated(stack):
 
 
 class Probe:
-    """One client sending a message every 0.1 s, recording when a send was refused."""
+    """One client sending a message every 0.1 s, recording when a send was refused; a refused
+    message is sent again with its client_id until acknowledged, as clients are told to (it
+    may have been stored)."""
 
     def __init__(self, stack, room):
         self.client = ResumingClient("probe", stack).start()
@@ -95,14 +97,16 @@ class Probe:
         return self
 
     def _send(self):
+        client_id = uuid.uuid4().hex
         while self.running.is_set():
             try:
                 ack = self.client.sio.call("message", {"room": self.room, "text": "probe",
-                                                       "client_id": uuid.uuid4().hex}, timeout=10)
+                                                       "client_id": client_id}, timeout=10)
             except Exception:  # disconnected, or no answer: counts as refused
                 ack = {"ok": False, "error": "no answer"}
             if ack.get("ok"):
                 self.sent.append(ack["id"])
+                client_id = uuid.uuid4().hex
             else:
                 self.refusals.append((time.monotonic(), ack.get("error")))
             time.sleep(0.1)
