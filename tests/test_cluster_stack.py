@@ -180,6 +180,9 @@ def test_a_master_lost_for_good_is_replaced_by_its_replica(stack, resuming, room
     wait_until(lambda: whole(stack), timeout=60, what=f"{victim} to rejoin as a replica")
     assert shards(stack, "redis-0")[heir] == [victim]
     sent.append(writer.send_reliably(room, "after the failover"))
+    # the workers subscribe again while the returning node rejoins, briefly unready together
+    wait_until(lambda: requests.post(stack.url + "/api/session", json={"name": "auditor"},
+                                     timeout=5).ok, timeout=30, what="the proxy to serve again")
     assert stream_ids(stack, room) == sent
 
 
